@@ -1,0 +1,96 @@
+"""The seams: what a host implements, or picks from the bundled adapters. Nothing else lives here.
+
+Each protocol has the fewest methods that serve every route; pagination, HTTP, errors and caching live once,
+above them. Adapters raise :class:`ozwell_asgi.errors.OzwellError` for failures a client should see (a backend's
+502/503/504, say); any other exception becomes a 500 with no internals.
+
+Lifecycle is optional: if an adapter has ``async def aclose(self) -> None``, the app calls it on shutdown.
+Adapters that need setup (a pool, tables) do it lazily on first use, so they work when mounted inside a host
+that never runs a sub-application's lifespan.
+
+The file store, response store and the rest arrive with their issues, in the same shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+from .types import APIKey, ChatChunk, ChatResult, EmbeddingResult, ModelInfo, Quota, Reservation
+
+if TYPE_CHECKING:
+    from .wire.chat import ChatCompletionRequest
+
+__all__ = ["KeyStore", "ModelBackend", "RateLimiter"]
+
+
+@runtime_checkable
+class ModelBackend(Protocol):
+    """Serves models. ``request`` is validated already; fields we do not model are in ``request.model_extra``."""
+
+    async def list_models(self) -> Sequence[ModelInfo]:
+        """Every model this backend serves. Called per request: cache it if it is costly to compute."""
+        ...
+
+    async def chat(self, request: ChatCompletionRequest) -> ChatResult:
+        """A whole completion, for ``stream: false``."""
+        ...
+
+    def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatChunk]:
+        """The completion as it is produced, for ``stream: true`` (an async generator, typically).
+
+        The iterator is closed (``aclose``) if the client goes away; release upstream resources then.
+        """
+        ...
+
+    async def embed(
+        self, model: str, inputs: Sequence[str | Sequence[int]], dimensions: int | None
+    ) -> EmbeddingResult:
+        """One vector per input, in order."""
+        ...
+
+
+@runtime_checkable
+class KeyStore(Protocol):
+    """Stores API keys by id and by keyed hash. Every method is atomic on its own.
+
+    Guarantees every adapter passes (tests/test_keystore_contract.py): ``key_hash`` and ``id`` are unique;
+    ``list`` is ordered by ``created_at`` then ``id``; ``revoke`` is idempotent and keeps the first revocation time;
+    ``rotate`` replaces the hash of an active key, so the old secret stops working and the id, owner, plan and
+    limits stay.
+    """
+
+    async def create(self, key: APIKey) -> None:
+        """Store a new key; ``ValueError`` if its id or hash is taken."""
+        ...
+
+    async def get_by_hash(self, key_hash: str) -> APIKey | None: ...
+
+    async def get(self, key_id: str) -> APIKey | None: ...
+
+    async def list(self, owner: str | None = None) -> list[APIKey]:
+        """Every key, or every key of ``owner``; revoked and expired ones included."""
+        ...
+
+    async def revoke(self, key_id: str, at: int) -> APIKey | None:
+        """Mark the key revoked at ``at``; the updated key, or ``None`` if there is no such key."""
+        ...
+
+    async def rotate(self, key_id: str, key_hash: str, hint: str) -> APIKey | None:
+        """Give an active key a new secret; the updated key, or ``None`` if it is unknown or revoked."""
+        ...
+
+
+@runtime_checkable
+class RateLimiter(Protocol):
+    """Per-subject budgets of requests and tokens per minute, exact across every process sharing its storage.
+
+    ``reserve`` takes one request and ``tokens`` tokens up front, or raises ``RateLimitError`` (429, with
+    ``Retry-After``) and takes nothing; ``settle`` reconciles the reservation with the tokens really used
+    (a refund never credits a later window). Storage outages follow the limiter's policy: raise
+    ``ServiceUnavailableError`` (fail closed) or return a ``degraded`` reservation (fail open).
+    """
+
+    async def reserve(self, subject: str, quota: Quota, tokens: int) -> Reservation: ...
+
+    async def settle(self, reservation: Reservation, used_tokens: int) -> None: ...

@@ -1,0 +1,203 @@
+"""Plain data that crosses the seams (protocols.py): keys, principals, quotas, models, chat results.
+
+Pydantic lives at the wire edge (``wire/``); everything passed inward and between our own layers is one of these
+frozen dataclasses. ASGI aliases are re-exported from Starlette so the whole package shares one spelling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = [
+    "APIKey",
+    "ASGIApp",
+    "AssistantMessage",
+    "ChatChoice",
+    "ChatChunk",
+    "ChatResult",
+    "EmbeddingResult",
+    "Message",
+    "ModelInfo",
+    "Principal",
+    "Quota",
+    "RateLimitWindow",
+    "Receive",
+    "Reservation",
+    "Scope",
+    "Send",
+    "ToolCall",
+    "ToolCallDelta",
+    "Usage",
+]
+
+PlanName = str  # "free" | "pro" | "enterprise" | any plan the host configures
+
+# Scopes a key can hold. "api" calls the model endpoints; "admin" manages the keys of its own owner;
+# "admin:global" manages every owner's keys.
+SCOPE_API = "api"
+SCOPE_ADMIN = "admin"
+SCOPE_ADMIN_GLOBAL = "admin:global"
+DEFAULT_SCOPES: tuple[str, ...] = (SCOPE_API,)
+
+
+@dataclass(frozen=True, slots=True)
+class APIKey:
+    """A stored API key. The secret itself is never stored: only ``key_hash`` (HMAC-SHA256, hex).
+
+    ``models`` is ``None`` for "every model"; otherwise exact model ids or ``fnmatch`` patterns.
+    ``rpm``/``tpm`` override the plan's limits when set. Times are epoch seconds.
+    """
+
+    id: str
+    key_hash: str
+    owner: str
+    name: str
+    plan: PlanName = "free"
+    rpm: int | None = None
+    tpm: int | None = None
+    models: tuple[str, ...] | None = None
+    scopes: tuple[str, ...] = DEFAULT_SCOPES
+    created_at: int = 0
+    expires_at: int | None = None
+    revoked_at: int | None = None
+    # First characters of the secret ("ozw_AbCd"), shown in listings so people can tell keys apart.
+    hint: str = ""
+
+    def is_active(self, now: float) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
+
+
+@dataclass(frozen=True, slots=True)
+class Quota:
+    """Per-minute budgets; ``None`` means unlimited."""
+
+    rpm: int | None
+    tpm: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: resolved from an API key (or, later, by the host's own auth)."""
+
+    key_id: str
+    owner: str
+    plan: PlanName
+    quota: Quota
+    models: tuple[str, ...] | None = None
+    scopes: frozenset[str] = frozenset(DEFAULT_SCOPES)
+
+    def has_scope(self, scope: str) -> bool:
+        return scope in self.scopes
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitWindow:
+    """State of one budget (requests or tokens) after a reservation, for the rate-limit headers."""
+
+    limit: int
+    remaining: int
+    reset_at: float  # epoch seconds when the window ends
+
+
+@dataclass(slots=True)
+class Reservation:
+    """What :meth:`RateLimiter.reserve` took; give it back to :meth:`RateLimiter.settle` exactly once.
+
+    ``requests``/``tokens`` are ``None`` when that budget is unlimited or the limiter is failing open.
+    """
+
+    subject: str
+    tokens_reserved: int
+    window: int  # the fixed window the reservation was taken in
+    requests: RateLimitWindow | None = None
+    tokens: RateLimitWindow | None = None
+    degraded: bool = False  # True when the limiter's storage is down and the policy is fail-open
+    settled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ModelInfo:
+    """A model a backend serves. ``kind`` tells which routes accept it."""
+
+    id: str
+    owned_by: str = "ozwell"
+    created: int = 0
+    kind: Literal["chat", "embedding"] = "chat"
+
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    prompt_tokens: int
+    completion_tokens: int
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCall:
+    id: str
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+@dataclass(frozen=True, slots=True)
+class AssistantMessage:
+    content: str | None
+    tool_calls: tuple[ToolCall, ...] = ()
+    refusal: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChatChoice:
+    index: int
+    message: AssistantMessage
+    finish_reason: Literal["stop", "length", "tool_calls", "content_filter", "function_call"]
+    logprobs: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChatResult:
+    """A whole chat completion. ``usage`` is ``None`` when the backend leaves counting to us."""
+
+    choices: tuple[ChatChoice, ...]
+    usage: Usage | None = None
+    model: str | None = None  # the model that answered, when it differs from the one asked for
+    system_fingerprint: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ToolCallDelta:
+    index: int
+    id: str | None = None
+    name: str | None = None
+    arguments: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ChatChunk:
+    """One streamed piece of one choice; or, with ``usage`` set and nothing else, the final usage.
+
+    The first chunk of a choice carries ``role="assistant"``; its last carries ``finish_reason``.
+    """
+
+    index: int = 0
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+    tool_calls: tuple[ToolCallDelta, ...] = ()
+    refusal: str | None = None
+    finish_reason: str | None = None
+    logprobs: dict[str, Any] | None = None
+    usage: Usage | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EmbeddingResult:
+    vectors: tuple[tuple[float, ...], ...]
+    prompt_tokens: int
+    model: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
