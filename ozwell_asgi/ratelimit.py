@@ -1,0 +1,438 @@
+"""Plans, quotas and the bundled :class:`~ozwell_asgi.protocols.RateLimiter`: fixed, clock-aligned windows on the
+``limits`` library's async storage (in-process memory, Redis, or anything else ``limits`` supports).
+
+Guarantees of :class:`LimitsRateLimiter`:
+
+- Admission is exact across every process sharing one storage: each budget is one counter per window, moved only
+  by atomic increments (``INCRBY`` in a Lua script on Redis), and a reservation is admitted only if the value its
+  own increment returned is within the limit. ``N`` processes admit exactly ``rpm`` requests per window, never more.
+- Windows are aligned to the clock (window ``w = floor(now / window_seconds)``) and every counter key names its
+  window, so a settlement can only ever touch the window its reservation was taken in: a refund can give back tokens
+  of the current window, and can never credit a later one.
+- A rejected reservation takes nothing: what it added is subtracted again before the 429 is raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+from typing import Any, Literal, cast
+
+import anyio
+
+from .errors import RateLimitError, ServiceUnavailableError
+from .types import Quota, RateLimitWindow, Reservation
+
+__all__ = [
+    "DEFAULT_PLANS",
+    "LimitsRateLimiter",
+    "Plan",
+    "format_duration",
+    "quota_for",
+    "rate_limit_headers",
+    "validate_plan",
+]
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------------------------------------- plans
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """A plan's per-minute budgets; ``None`` means unlimited unless the key sets its own limit."""
+
+    name: str
+    rpm: int | None
+    tpm: int | None
+
+    def __post_init__(self) -> None:
+        for field_name in ("rpm", "tpm"):
+            value = getattr(self, field_name)
+            if value is not None and value < 0:
+                raise ValueError(f"plan {self.name!r}: {field_name} must be >= 0 or None, got {value}")
+
+
+DEFAULT_PLANS: Mapping[str, Plan] = MappingProxyType(
+    {
+        "free": Plan("free", rpm=20, tpm=10_000),
+        "pro": Plan("pro", rpm=100, tpm=100_000),
+        "enterprise": Plan("enterprise", rpm=None, tpm=None),
+    }
+)
+
+
+def validate_plan(plan_name: str, plans: Mapping[str, Plan] = DEFAULT_PLANS) -> Plan:
+    """The plan called ``plan_name``; ``ValueError`` if ``plans`` has no such plan (call it when creating a key)."""
+    plan = plans.get(plan_name)
+    if plan is None:
+        known = ", ".join(sorted(plans)) or "none"
+        raise ValueError(f"unknown plan {plan_name!r} (known plans: {known})")
+    return plan
+
+
+def quota_for(
+    plan_name: str,
+    rpm_override: int | None = None,
+    tpm_override: int | None = None,
+    plans: Mapping[str, Plan] = DEFAULT_PLANS,
+) -> Quota:
+    """The quota of a key on ``plan_name``: each override that is set replaces the plan's limit, on any plan.
+
+    ``ValueError`` for an unknown plan or a negative override.
+    """
+    plan = validate_plan(plan_name, plans)
+    for field_name, value in (("rpm", rpm_override), ("tpm", tpm_override)):
+        if value is not None and value < 0:
+            raise ValueError(f"{field_name} must be >= 0 or None, got {value}")
+    return Quota(
+        rpm=rpm_override if rpm_override is not None else plan.rpm,
+        tpm=tpm_override if tpm_override is not None else plan.tpm,
+    )
+
+
+# ------------------------------------------------------------------------------------------------------- headers
+
+
+def format_duration(seconds: float) -> str:
+    """A duration in OpenAI's header format, rounded up: ``"13ms"`` under a second, else ``"1s"``, ``"59s"``,
+    ``"6m0s"``, ``"1h0m0s"``. Zero or negative is ``"0s"``."""
+    if seconds <= 0:
+        return "0s"
+    ms = math.ceil(seconds * 1000 - 1e-6)  # tolerate float noise: 0.0130000001 s is 13ms
+    if ms < 1000:
+        return f"{max(ms, 1)}ms"
+    total = math.ceil(ms / 1000)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def rate_limit_headers(res: Reservation, now: float | None = None) -> list[tuple[str, str]]:
+    """The rate-limit headers for a reservation (sent on every response).
+
+    Per budget that is limited: ``x-ratelimit-{limit,remaining,reset}-{requests,tokens}`` (reset as a duration,
+    see :func:`format_duration`); then ``X-RateLimit-Limit``/``-Remaining``/``-Reset`` (reset as integer epoch
+    seconds) for the request budget, or the token budget when requests are unlimited. Remaining is never negative.
+    A degraded or wholly unlimited reservation has none.
+    """
+    req, tok = res.requests, res.tokens
+    if res.degraded or (req is None and tok is None):
+        return []
+    if now is None:
+        now = time.time()
+    headers: list[tuple[str, str]] = []
+    if req is not None:
+        headers += (
+            ("x-ratelimit-limit-requests", str(req.limit)),
+            ("x-ratelimit-remaining-requests", str(max(req.remaining, 0))),
+            ("x-ratelimit-reset-requests", format_duration(req.reset_at - now)),
+        )
+    if tok is not None:
+        headers += (
+            ("x-ratelimit-limit-tokens", str(tok.limit)),
+            ("x-ratelimit-remaining-tokens", str(max(tok.remaining, 0))),
+            ("x-ratelimit-reset-tokens", format_duration(tok.reset_at - now)),
+        )
+    generic = req if req is not None else cast(RateLimitWindow, tok)
+    headers += (
+        ("X-RateLimit-Limit", str(generic.limit)),
+        ("X-RateLimit-Remaining", str(max(generic.remaining, 0))),
+        ("X-RateLimit-Reset", str(math.ceil(generic.reset_at))),
+    )
+    return headers
+
+
+# ------------------------------------------------------------------------------------------------------- limiter
+
+_REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+unix"})
+_OTHER_REDIS_LIKE = frozenset({"redis+cluster", "redis+sentinel", "valkey", "valkeys", "valkey+unix"})
+# Keys outlive their window by this much, so a settlement racing the window's end still finds its counter.
+_EXPIRY_GRACE_SECONDS = 5
+_REDIS_MAX_CONNECTIONS = 50
+
+
+def _storage_config(storage_url: str) -> tuple[str, str]:
+    """The ``limits`` async URL for ``storage_url`` (``memory://``, ``redis://``...) and its base scheme."""
+    scheme = urllib.parse.urlsplit(storage_url).scheme.lower()
+    if not scheme:
+        raise ValueError("rate-limit storage URL has no scheme (expected e.g. memory:// or redis://host:6379/0)")
+    base = scheme.removeprefix("async+")
+    url = storage_url if scheme.startswith("async+") else f"async+{storage_url}"
+    return url, base
+
+
+def _storage_options(url: str, base: str, timeout: float) -> dict[str, Any]:
+    """Constructor options for the ``limits`` storage: redis-py, bounded timeouts, a pool that waits when full."""
+    options: dict[str, Any] = {}
+    if base in _REDIS_SCHEMES or base in _OTHER_REDIS_LIKE:
+        options.update(socket_timeout=timeout, socket_connect_timeout=timeout)
+    if base in _REDIS_SCHEMES or base in ("redis+cluster", "redis+sentinel"):
+        options["implementation"] = "redispy"
+    if base in ("redis", "rediss"):
+        from redis.asyncio import BlockingConnectionPool
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+
+        # A bounded pool that queues callers (up to ``timeout``) instead of failing when a burst needs more
+        # connections than it has; ``?max_connections=N`` in the URL overrides the size. No client-side retries:
+        # an increment is applied at most once (a retried INCRBY whose reply was lost would count twice), and every
+        # call stays within ``timeout``. Stale pooled connections are replaced on checkout.
+        options["connection_pool"] = BlockingConnectionPool.from_url(
+            url.removeprefix("async+"),
+            max_connections=_REDIS_MAX_CONNECTIONS,
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 0),
+        )
+    return options
+
+
+class LimitsRateLimiter:
+    """Requests and tokens per window for each subject, on ``limits``' async storage.
+
+    ``storage_url``: ``memory://`` (one process; asyncio only) or ``redis://``/``rediss://`` (shared by every
+    process using it, through redis-py), or any other storage ``limits`` supports (``async+`` is added).
+    ``namespace`` starts every key. ``on_storage_error``: ``"closed"`` raises ``ServiceUnavailableError`` when
+    the storage is unreachable; ``"open"`` admits the request with a ``degraded`` reservation. Every storage call
+    is bounded by ``timeout`` seconds. ``clock`` (epoch seconds) decides the window; tests may inject one.
+
+    Guarantees: admission is exact across processes (see the module docstring); a reserve that raises 429 keeps
+    nothing; a settlement only adjusts its own window's token counter, and only while that window is current (a
+    refund arriving after the window ended is dropped: it can never credit the next window). An increment whose
+    reply is lost to a timeout may or may not have been applied; that can only over-count (fail towards denying).
+    """
+
+    def __init__(
+        self,
+        storage_url: str = "memory://",
+        *,
+        namespace: str = "ozwell",
+        on_storage_error: Literal["closed", "open"] = "closed",
+        timeout: float = 0.5,
+        window_seconds: int = 60,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if on_storage_error not in ("closed", "open"):
+            raise ValueError(f"on_storage_error must be 'closed' or 'open', got {on_storage_error!r}")
+        if window_seconds < 1:
+            raise ValueError("window_seconds must be >= 1")
+        if timeout <= 0:
+            raise ValueError("timeout must be > 0")
+        self._url, self._base_scheme = _storage_config(storage_url)
+        import limits.aio.storage  # noqa: F401  (registers the async schemes)
+        from limits._storage_scheme import SCHEMES
+
+        scheme = self._url.split("://", 1)[0]
+        if scheme not in SCHEMES:
+            raise ValueError(f"unsupported rate-limit storage {scheme!r}")
+        self._namespace = namespace
+        self._fail_open = on_storage_error == "open"
+        self._timeout = timeout
+        self._window = window_seconds
+        self._clock = clock
+        self._storage: Any = None
+        self._options: dict[str, Any] = {}
+        self._storage_errors: tuple[type[BaseException], ...] = (OSError, TimeoutError)
+        self._outage = False
+
+    # -- storage plumbing
+
+    def _get_storage(self) -> Any:
+        if self._storage is None:
+            from limits.errors import StorageError
+            from limits.storage import storage_from_string
+
+            self._options = _storage_options(self._url, self._base_scheme, self._timeout)
+            storage = storage_from_string(self._url, **self._options)
+            base = storage.base_exceptions
+            base_tuple = base if isinstance(base, tuple) else (base,)
+            self._storage_errors = (OSError, TimeoutError, StorageError, *base_tuple)
+            self._storage = storage
+        return self._storage
+
+    async def _incr(self, key: str, expiry: int, amount: int) -> int:
+        storage = self._get_storage()
+        with anyio.fail_after(self._timeout):
+            return int(await storage.incr(key, expiry, amount))
+
+    async def _peek(self, key: str) -> int | None:
+        """The counter's value for the headers of a 429, or ``None`` if the storage does not answer."""
+        storage = self._get_storage()
+        try:
+            with anyio.fail_after(self._timeout):
+                return int(await storage.get(key))
+        except self._storage_errors as exc:
+            self._storage_failed(exc)
+            return None
+
+    def _key(self, kind: str, window: int, subject: str) -> str:
+        return f"{self._namespace}:{kind}:{self._window}:{window}:{subject}"
+
+    def _storage_failed(self, exc: BaseException) -> None:
+        if not self._outage:
+            self._outage = True
+            logger.warning(
+                "rate-limit storage unavailable (%s: %s); %s until it recovers",
+                type(exc).__name__,
+                exc,
+                "admitting requests unlimited" if self._fail_open else "refusing requests",
+            )
+
+    def _storage_ok(self) -> None:
+        if self._outage:
+            self._outage = False
+            logger.info("rate-limit storage recovered; counting resumes")
+
+    async def _undo(self, key: str, expiry: int, amount: int) -> None:
+        """Best effort: give back ``amount``; a failure here only over-counts."""
+        if amount == 0:
+            return
+        try:
+            await self._incr(key, expiry, -amount)
+        except self._storage_errors as exc:
+            self._storage_failed(exc)
+
+    # -- RateLimiter
+
+    async def reserve(self, subject: str, quota: Quota, tokens: int) -> Reservation:
+        """Take one request and ``tokens`` tokens in the current window, or raise and take nothing.
+
+        Raises ``RateLimitError`` (429, ``rate_limit_exceeded``, with ``Retry-After``) when a budget is spent;
+        ``RateLimitError`` with code ``request_too_large`` and ``x-should-retry: false`` when ``tokens`` exceeds the
+        whole token budget (nothing is counted); ``ServiceUnavailableError`` on a storage outage when failing closed.
+        Two storage round trips when both budgets are limited, one when one is, none when neither is.
+        """
+        tokens = max(int(tokens), 0)
+        rpm, tpm = quota.rpm, quota.tpm
+        if tpm is not None and tokens > tpm:
+            raise RateLimitError(
+                f"Request too large: it needs {tokens} tokens but this key's limit is {tpm} tokens per minute."
+                " Reduce the prompt or max_tokens.",
+                code="request_too_large",
+                headers=[("x-should-retry", "false")],
+            )
+        now = self._clock()
+        window = int(now // self._window)
+        if rpm is None and tpm is None:
+            return Reservation(subject=subject, tokens_reserved=tokens, window=window)
+        reset_at = float((window + 1) * self._window)
+        expiry = math.ceil(reset_at - now) + _EXPIRY_GRACE_SECONDS
+        req_key = self._key("req", window, subject)
+        tok_key = self._key("tok", window, subject)
+        req_count: int | None = None
+        tok_count: int | None = None
+        try:
+            if rpm is not None:
+                req_count = await self._incr(req_key, expiry, 1)
+                self._storage_ok()
+                if req_count > rpm:
+                    await self._undo(req_key, expiry, 1)
+                    req_count -= 1
+                    if tpm is not None:
+                        tok_count = await self._peek(tok_key)
+                    raise self._exceeded(now, reset_at, rpm, req_count, tpm, tok_count)
+            if tpm is not None:
+                try:
+                    tok_count = await self._incr(tok_key, expiry, tokens)
+                except self._storage_errors:
+                    if req_count is not None:
+                        await self._undo(req_key, expiry, 1)
+                    raise
+                self._storage_ok()
+                if tok_count > tpm:
+                    await self._undo(tok_key, expiry, tokens)
+                    tok_count -= tokens
+                    if req_count is not None:
+                        await self._undo(req_key, expiry, 1)
+                        req_count -= 1
+                    raise self._exceeded(now, reset_at, rpm, req_count, tpm, tok_count)
+        except self._storage_errors as exc:
+            self._storage_failed(exc)
+            if self._fail_open:
+                return Reservation(subject=subject, tokens_reserved=tokens, window=window, degraded=True)
+            raise ServiceUnavailableError(
+                "Rate limiting is temporarily unavailable.", code="rate_limiter_unavailable"
+            ) from None
+        return Reservation(
+            subject=subject,
+            tokens_reserved=tokens,
+            window=window,
+            requests=None if rpm is None else RateLimitWindow(rpm, rpm - cast(int, req_count), reset_at),
+            tokens=None if tpm is None else RateLimitWindow(tpm, tpm - cast(int, tok_count), reset_at),
+        )
+
+    @staticmethod
+    def _exceeded(
+        now: float, reset_at: float, rpm: int | None, req_count: int | None, tpm: int | None, tok_count: int | None
+    ) -> RateLimitError:
+        wait = max(reset_at - now, 0.001)
+        seconds = max(math.ceil(wait), 1)
+        state = Reservation(
+            subject="",
+            tokens_reserved=0,
+            window=0,
+            requests=None if rpm is None or req_count is None else RateLimitWindow(rpm, rpm - req_count, reset_at),
+            tokens=None if tpm is None or tok_count is None else RateLimitWindow(tpm, tpm - tok_count, reset_at),
+        )
+        return RateLimitError(
+            f"Rate limit exceeded. Please retry after {seconds} seconds.",
+            headers=[
+                ("Retry-After", str(seconds)),
+                ("retry-after-ms", str(max(math.ceil(wait * 1000), 1))),
+                *rate_limit_headers(state, now),
+            ],
+        )
+
+    async def settle(self, reservation: Reservation, used_tokens: int) -> None:
+        """Charge ``used_tokens`` instead of what was reserved: refund the difference, or charge the overage.
+
+        Idempotent (the second call is a no-op) and never raises on a storage failure (logged as a warning, once
+        per outage). Only the reservation's own window is touched, and only while it is current: once that window
+        has ended its counter no longer matters and a late refund is dropped rather than credited to a later window.
+        Nothing to do for a degraded reservation or an unlimited token budget.
+        """
+        if reservation.settled:
+            return
+        reservation.settled = True
+        if reservation.degraded or reservation.tokens is None:
+            return
+        delta = max(int(used_tokens), 0) - reservation.tokens_reserved
+        if delta == 0:
+            return
+        now = self._clock()
+        if int(now // self._window) != reservation.window:
+            return
+        reset_at = (reservation.window + 1) * self._window
+        expiry = math.ceil(reset_at - now) + _EXPIRY_GRACE_SECONDS
+        try:
+            await self._incr(self._key("tok", reservation.window, reservation.subject), expiry, delta)
+        except self._storage_errors as exc:
+            self._storage_failed(exc)
+            return
+        self._storage_ok()
+
+    async def aclose(self) -> None:
+        """Close the storage's connections (Redis); the limiter reconnects if used again."""
+        storage, self._storage = self._storage, None
+        pool, self._options = self._options.get("connection_pool"), {}
+        bridge = getattr(storage, "bridge", None)
+        timer = getattr(storage, "timer", None)  # the memory storage's expiry task
+        if timer is not None and not timer.done():
+            timer.cancel()
+        with anyio.move_on_after(self._timeout, shield=True):
+            if bridge is not None:
+                await bridge.get_connection().aclose()
+            if pool is not None:
+                await pool.disconnect()
