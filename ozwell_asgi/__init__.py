@@ -1,1 +1,79 @@
-"""ozwell_asgi: serve the Ozwell (OpenAI-compatible) /v1 API from any ASGI application."""
+"""ozwell_asgi: serve the Ozwell (OpenAI-compatible) /v1 API from any ASGI application.
+
+from ozwell_asgi import OzwellAPI
+app.mount("/v1", OzwellAPI(key_store="sqlite:///ozwell.db", secret=SECRET))
+"""
+
+from .app import OzwellAPI
+from .auth import KeyHasher, KeyManager
+from .backends.echo import EchoBackend
+from .context import Settings
+from .errors import (
+    AuthenticationError,
+    BadGatewayError,
+    GatewayTimeoutError,
+    InternalServerError,
+    InvalidRequestError,
+    NotFoundError,
+    OzwellError,
+    PermissionDeniedError,
+    RateLimitError,
+    ServiceUnavailableError,
+)
+from .protocols import KeyStore, ModelBackend, RateLimiter
+from .ratelimit import DEFAULT_PLANS, LimitsRateLimiter, Plan
+from .tokens import BPETokenizer, Tokenizer
+from .types import (
+    APIKey,
+    AssistantMessage,
+    ChatChoice,
+    ChatChunk,
+    ChatResult,
+    EmbeddingResult,
+    ModelInfo,
+    Principal,
+    Quota,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_PLANS",
+    "APIKey",
+    "AssistantMessage",
+    "AuthenticationError",
+    "BPETokenizer",
+    "BadGatewayError",
+    "ChatChoice",
+    "ChatChunk",
+    "ChatResult",
+    "EchoBackend",
+    "EmbeddingResult",
+    "GatewayTimeoutError",
+    "InternalServerError",
+    "InvalidRequestError",
+    "KeyHasher",
+    "KeyManager",
+    "KeyStore",
+    "LimitsRateLimiter",
+    "ModelBackend",
+    "ModelInfo",
+    "NotFoundError",
+    "OzwellAPI",
+    "OzwellError",
+    "PermissionDeniedError",
+    "Plan",
+    "Principal",
+    "Quota",
+    "RateLimitError",
+    "RateLimiter",
+    "ServiceUnavailableError",
+    "Settings",
+    "Tokenizer",
+    "ToolCall",
+    "ToolCallDelta",
+    "Usage",
+]

@@ -31,6 +31,13 @@ __all__ = [
 Headers = Sequence[tuple[str, str]]
 
 
+class _Unset:
+    pass
+
+
+_UNSET: object = _Unset()
+
+
 class OzwellError(Exception):
     """An error with its wire form: HTTP status, OpenAI ``type``, ``code`` and ``param``.
 
@@ -47,7 +54,7 @@ class OzwellError(Exception):
         message: str,
         *,
         param: str | None = None,
-        code: str | None = None,
+        code: str | object | None = _UNSET,
         type: str | None = None,
         status: int | None = None,
         headers: Headers = (),
@@ -55,8 +62,8 @@ class OzwellError(Exception):
         super().__init__(message)
         self.message = message
         self.param = param
-        if code is not None:
-            self.code = code
+        if code is not _UNSET:
+            self.code = code  # type: ignore[assignment]
         if type is not None:
             self.type = type
         if status is not None:
@@ -67,7 +74,8 @@ class OzwellError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}(status={self.status}, code={self.code!r}, param={self.param!r}, message={self.message!r})"
+        name = type(self).__name__
+        return f"{name}(status={self.status}, code={self.code!r}, param={self.param!r}, message={self.message!r})"
 
 
 class InvalidRequestError(OzwellError):

@@ -43,9 +43,7 @@ class ModelBackend(Protocol):
         """
         ...
 
-    async def embed(
-        self, model: str, inputs: Sequence[str | Sequence[int]], dimensions: int | None
-    ) -> EmbeddingResult:
+    async def embed(self, model: str, inputs: Sequence[str | Sequence[int]], dimensions: int | None) -> EmbeddingResult:
         """One vector per input, in order."""
         ...
 

@@ -1,0 +1,246 @@
+"""OzwellAPI: the ASGI application. Construction wires the dependencies once; a request then goes
+
+    __call__ (request id, timing, the one error renderer) → Router → route handler
+        → Services.authenticate (auth.py) → read_json_body (bodies.py) → wire model (wire/)
+        → RateLimiter.reserve (ratelimit.py) → ModelBackend (backends/) → JSON or SSE → RateLimiter.settle
+
+Mount it anywhere (``app.mount("/v1", OzwellAPI(...))``) or run it on its own; every answer of ours, errors
+included, is in OpenAI's shape even inside a host (FastAPI, Starlette, Django) with its own error handlers.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+import uuid
+from collections.abc import Mapping
+from typing import Any
+
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.routing import Route, Router
+
+from .auth import Authenticator, KeyHasher, KeyManager
+from .backends.echo import EchoBackend
+from .context import Services, Settings
+from .errors import MethodNotAllowedError, NotFoundError, OzwellError, internal_error
+from .protocols import KeyStore, ModelBackend, RateLimiter
+from .ratelimit import DEFAULT_PLANS, LimitsRateLimiter, Plan
+from .responses import error_response
+from .routes import ROUTES, Handler
+from .stores.cache import CachedKeyStore
+from .stores.urls import key_store_from_url
+from .tokens import Tokenizer, default_tokenizer
+from .types import Receive, Scope, Send
+
+__all__ = ["OzwellAPI"]
+
+log = logging.getLogger("ozwell_asgi")
+
+
+class _Endpoint:
+    """Adapts a handler to an ASGI app that Starlette's Route calls directly (no per-request wrapping)."""
+
+    __slots__ = ("handler", "services")
+
+    def __init__(self, handler: Handler, services: Services) -> None:
+        self.handler = handler
+        self.services = services
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = await self.handler(self.services, Request(scope, receive))
+        await response(scope, receive, send)
+
+
+def _request_id(scope: Scope) -> bytes:
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            if 0 < len(value) <= 200 and value.isascii() and value.decode().isprintable():
+                return bytes(value)
+            break
+    return b"req_" + uuid.uuid4().hex.encode()
+
+
+class PrefixedApp:
+    """Serves ``api`` under ``prefix`` as the top-level application (what ``ozwell-asgi serve`` runs).
+
+    Paths outside the prefix get our 404 envelope; lifespan events reach the API.
+    """
+
+    def __init__(self, api: OzwellAPI, prefix: str = "/v1") -> None:
+        self.api = api
+        self.prefix = prefix.rstrip("/")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket"):
+            path: str = scope["path"]
+            if path == self.prefix or path.startswith(self.prefix + "/"):
+                scope = {**scope, "root_path": scope.get("root_path", "") + self.prefix}
+            else:
+                scope = {**scope, "root_path": scope.get("root_path", ""), "ozwell.outside_prefix": True}
+        await self.api(scope, receive, send)
+
+
+class OzwellAPI:
+    """The Ozwell /v1 API as an ASGI application.
+
+    Dependencies are instances (any object satisfying the protocols in :mod:`ozwell_asgi.protocols`) or, for the
+    bundled adapters, URLs: ``key_store`` ``memory://``, ``sqlite:///path.db``, ``postgresql://…``,
+    ``redis://…``; ``rate_limiter`` ``memory://`` or ``redis://…`` (any storage of the ``limits`` library).
+
+    ``secret`` keys the HMAC under which API keys are stored; it is required for a persistent key store (a random
+    one is made for ``memory://``). ``key_cache_ttl`` bounds how long another process may still accept a key
+    revoked elsewhere (0 disables the cache). Adapters built here from URLs are closed by :meth:`aclose`.
+    """
+
+    def __init__(
+        self,
+        *,
+        backend: ModelBackend | None = None,
+        key_store: KeyStore | str = "memory://",
+        rate_limiter: RateLimiter | str = "memory://",
+        secret: str | bytes | None = None,
+        plans: Mapping[str, Plan] = DEFAULT_PLANS,
+        key_cache_ttl: float = 5.0,
+        on_limiter_error: str = "closed",
+        settings: Settings | None = None,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        self._owned: list[Any] = []
+        if isinstance(key_store, str):
+            url = key_store
+            key_store = key_store_from_url(url)
+            self._owned.append(key_store)
+            if secret is None:
+                if not url.startswith("memory:"):
+                    raise ValueError("a secret is required to hash API keys in a persistent key store")
+                secret = secrets.token_bytes(32)
+        if secret is None:
+            raise ValueError("a secret is required to hash API keys (pass secret=...)")
+        if isinstance(rate_limiter, str):
+            if on_limiter_error not in ("closed", "open"):
+                raise ValueError("on_limiter_error must be 'closed' or 'open'")
+            rate_limiter = LimitsRateLimiter(rate_limiter, on_storage_error=on_limiter_error)  # type: ignore[arg-type]
+            self._owned.append(rate_limiter)
+        hasher = KeyHasher(secret)
+        cached = CachedKeyStore(key_store, ttl=key_cache_ttl) if key_cache_ttl > 0 else key_store
+        self.tokenizer = tokenizer or default_tokenizer()
+        self.backend = backend or EchoBackend(tokenizer=self.tokenizer)
+        self.key_store: KeyStore = cached
+        self.keys = KeyManager(cached, hasher, plans)
+        self.rate_limiter = rate_limiter
+        self.services = Services(
+            backend=self.backend,
+            authenticator=Authenticator(cached, hasher, plans),
+            keys=self.keys,
+            limiter=rate_limiter,
+            tokenizer=self.tokenizer,
+            settings=settings or Settings(),
+            plans=plans,
+        )
+        self.router = Router(
+            routes=[
+                Route(path, _Endpoint(handler, self.services), methods=list(methods))
+                for path, methods, handler in ROUTES
+            ],
+            redirect_slashes=False,
+            default=self._not_found,
+        )
+        self._started = False
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        """Load what the first request would otherwise wait for (the tokenizer's tables), off the event loop.
+
+        Runs on the ASGI lifespan when we are the top-level app, and lazily on the first request when mounted
+        in a host that does not forward lifespan events. Idempotent.
+        """
+        if not self._started:
+            await self.tokenizer.warm()
+            self._started = True
+
+    async def aclose(self) -> None:
+        """Close the adapters this app built from URLs (never instances the host passed in)."""
+        for resource in reversed(self._owned):
+            close = getattr(resource, "aclose", None)
+            if close is not None:
+                try:
+                    await close()
+                except Exception:
+                    log.exception("closing %r failed", resource)
+        self._owned.clear()
+
+    async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.aclose()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- requests ---------------------------------------------------------------------------------------------
+
+    async def _not_found(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raise NotFoundError(f"Invalid URL ({scope['method']} {scope['path']})", code=None)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope["type"]
+        if kind != "http":
+            if kind == "lifespan":
+                await self._lifespan(scope, receive, send)
+            elif kind == "websocket":
+                await send({"type": "websocket.close", "code": 1000})
+            return
+        if not self._started:
+            await self.startup()
+        began = time.perf_counter()
+        request_id = _request_id(scope)
+        response_started = False
+
+        async def send_with_ids(message: Any) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                elapsed = str(int((time.perf_counter() - began) * 1000)).encode()
+                message["headers"] = [
+                    *message["headers"],
+                    (b"x-request-id", request_id),
+                    (b"openai-processing-ms", elapsed),
+                ]
+            await send(message)
+
+        scope.setdefault("app", self)
+        try:
+            if "ozwell.outside_prefix" in scope:
+                await self._not_found(scope, receive, send_with_ids)
+            await self.router(scope, receive, send_with_ids)
+        except Exception as exc:
+            error = self._as_error(exc, scope, request_id)
+            if response_started:
+                log.error("error after the response started (request %s): %r", request_id.decode(), error)
+                return
+            await error_response(error)(scope, receive, send_with_ids)
+
+    @staticmethod
+    def _as_error(exc: Exception, scope: Scope, request_id: bytes) -> OzwellError:
+        if isinstance(exc, OzwellError):
+            return exc
+        if isinstance(exc, HTTPException):
+            url = f"{scope['method']} {scope['path']}"
+            if exc.status_code == 405:
+                allow = (exc.headers or {}).get("Allow", "")
+                return MethodNotAllowedError(f"Invalid method for URL ({url})", code=None, headers=[("Allow", allow)])
+            if exc.status_code == 404:
+                return NotFoundError(f"Invalid URL ({url})", code=None)
+            return OzwellError(str(exc.detail), status=exc.status_code, type="invalid_request_error")
+        log.exception("unhandled error (request %s)", request_id.decode())
+        return internal_error()

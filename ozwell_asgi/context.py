@@ -1,0 +1,68 @@
+"""What every route is given: the app's dependencies and settings, built once at construction."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from starlette.requests import Request
+
+from .auth import Authenticator, KeyManager, require_scope
+from .errors import NotFoundError, PermissionDeniedError
+from .protocols import ModelBackend, RateLimiter
+from .ratelimit import Plan
+from .tokens import Tokenizer
+from .types import ModelInfo, Principal
+
+__all__ = ["Services", "Settings"]
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Tunables of the request path.
+
+    ``max_body_size``: largest JSON body accepted (bytes), else 413.
+    ``default_completion_reserve``: tokens reserved for the answer when a request sets no ``max_tokens``; the
+    reservation is reconciled with the real usage afterwards, so this only bounds concurrency, not cost.
+    """
+
+    max_body_size: int = 32 * 1024 * 1024
+    default_completion_reserve: int = 1024
+
+
+@dataclass(slots=True)
+class Services:
+    backend: ModelBackend
+    authenticator: Authenticator
+    keys: KeyManager
+    limiter: RateLimiter
+    tokenizer: Tokenizer
+    settings: Settings
+    plans: Mapping[str, Plan]
+
+    async def authenticate(self, request: Request, scope: str) -> Principal:
+        """The caller, who must hold ``scope``; raises 401/403 in the contract's envelope."""
+        principal = await self.authenticator.authenticate(request.headers.get("authorization"))
+        require_scope(principal, scope)
+        return principal
+
+    async def find_model(self, principal: Principal, model: str, kind: str) -> ModelInfo:
+        """The backend's model ``model``, if ``principal`` may use it: 403 if the key excludes it, 404 if unknown."""
+        from .auth import model_allowed
+
+        if not model_allowed(principal.models, model):
+            raise PermissionDeniedError(f"This API key is not allowed to use the model `{model}`.", param="model")
+        for info in await self.backend.list_models():
+            if info.id == model:
+                if info.kind != kind:
+                    raise NotFoundError(
+                        f"The model `{model}` is not a {kind} model and cannot be used on this endpoint.",
+                        param="model",
+                        code="model_not_found",
+                    )
+                return info
+        raise NotFoundError(
+            f"The model `{model}` does not exist or you do not have access to it.",
+            param="model",
+            code="model_not_found",
+        )

@@ -1,0 +1,117 @@
+"""The token-counting seam and its offline default.
+
+Counts are made with OpenAI's ``o200k_base`` byte-pair encoding (the one GPT-4o and later use), from the
+``bpe-openai`` package, which ships the encoding inside its wheel: nothing is downloaded at run time. Loading
+the tables takes about half a second, so :meth:`BPETokenizer.warm` does it in a worker thread, once; until then
+nothing on the event loop blocks on it.
+
+Chat prompts are counted the way OpenAI documents for its chat models: 3 tokens per message, 1 more when a
+message has a ``name``, the tokens of its text, and 3 that prime the reply.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any, Protocol, runtime_checkable
+
+import anyio.to_thread
+
+__all__ = ["BPETokenizer", "Tokenizer", "default_tokenizer"]
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """Turns text into token ids and back. Must be pure CPU and fast (it runs on the event loop)."""
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, tokens: Sequence[int]) -> str: ...
+
+    def token_bytes(self, token: int) -> bytes: ...
+
+    def count(self, text: str) -> int: ...
+
+    async def warm(self) -> None:
+        """Load whatever the tokenizer needs, off the event loop. Idempotent."""
+        ...
+
+
+class BPETokenizer:
+    """OpenAI's byte-pair encodings from ``bpe-openai`` (offline). Thread-safe; loads on :meth:`warm`."""
+
+    def __init__(self, encoding: str = "o200k_base") -> None:
+        self.encoding_name = encoding
+        self._enc: Any = None
+        self._lock = threading.Lock()
+
+    def _load(self) -> Any:
+        with self._lock:
+            if self._enc is None:
+                import bpe_openai
+
+                self._enc = bpe_openai.get_encoding(self.encoding_name)
+            return self._enc
+
+    async def warm(self) -> None:
+        if self._enc is None:
+            await anyio.to_thread.run_sync(self._load)
+
+    @property
+    def _encoding(self) -> Any:
+        enc = self._enc
+        return enc if enc is not None else self._load()
+
+    def encode(self, text: str) -> list[int]:
+        if not text:
+            return []
+        try:
+            tokens: list[int] = self._encoding.encode_ordinary(text)
+        except ValueError:  # bpe-openai refuses pathological single chunks; count them in pieces
+            tokens = []
+            for start in range(0, len(text), 4096):
+                tokens.extend(self._encoding.encode_ordinary(text[start : start + 4096]))
+        return tokens
+
+    def decode(self, tokens: Sequence[int]) -> str:
+        text: str = self._encoding.decode(list(tokens))
+        return text
+
+    def token_bytes(self, token: int) -> bytes:
+        data: bytes = self._encoding.decode_single_token_bytes(token)
+        return data
+
+    def count(self, text: str) -> int:
+        return len(self.encode(text))
+
+
+_default: BPETokenizer | None = None
+
+
+def default_tokenizer() -> BPETokenizer:
+    """The process-wide o200k_base tokenizer (shared so its tables are loaded once)."""
+    global _default
+    if _default is None:
+        _default = BPETokenizer()
+    return _default
+
+
+# Fixed cost OpenAI charges for a low-detail image; we count every image part at this rate.
+IMAGE_TOKENS = 85
+
+
+def count_content(tokenizer: Tokenizer, content: object) -> int:
+    """Tokens of a message's ``content``: a string, or a list of parts (text and refusal counted, images 85)."""
+    if content is None:
+        return 0
+    if isinstance(content, str):
+        return tokenizer.count(content)
+    total = 0
+    if isinstance(content, list | tuple):
+        for part in content:
+            text = getattr(part, "text", None) or getattr(part, "refusal", None)
+            if isinstance(text, str):
+                total += tokenizer.count(text)
+            elif getattr(part, "type", None) == "image_url":
+                total += IMAGE_TOKENS
+    return total
