@@ -1,0 +1,78 @@
+"""Every example in examples/ runs here."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from ozwell_asgi import OzwellAPI
+from ozwell_asgi.app import PrefixedApp
+from tests.harness import async_openai, raw_client, uvicorn_server
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLES = ROOT / "examples"
+
+
+def test_every_example_is_tested() -> None:
+    tested = {"custom_backend.py", "fastapi_app.py", "openai_sdk.py", "fleet.sh"}
+    present = {p.name for p in EXAMPLES.iterdir() if p.is_file() and p.suffix in (".py", ".sh") and p.name != "__init__.py"}
+    assert present <= tested, f"untested examples: {present - tested}"
+
+
+@pytest.mark.anyio
+async def test_custom_backend_example() -> None:
+    module = importlib.import_module("examples.custom_backend")
+    api: OzwellAPI = module.api
+    _, key = await api.keys.create(name="t", owner="o")
+    client = async_openai(api, key)
+    completion = await client.chat.completions.create(model="shout-1", messages=[{"role": "user", "content": "hi you"}])
+    assert completion.choices[0].message.content == "HI YOU"
+    stream = await client.chat.completions.create(
+        model="shout-1", messages=[{"role": "user", "content": "quiet please"}], stream=True
+    )
+    assert "".join([c.choices[0].delta.content or "" async for c in stream]) == "QUIET PLEASE"
+    assert [m.id for m in (await client.models.list()).data] == ["shout-1"]
+    await client.close()
+
+
+@pytest.mark.anyio
+async def test_fastapi_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from asgi_lifespan import LifespanManager
+
+    monkeypatch.setenv("OZWELL_SECRET", "x" * 32)
+    monkeypatch.setenv("OZWELL_STORE_URL", f"sqlite:///{tmp_path}/ozwell.db")
+    sys.modules.pop("examples.fastapi_app", None)
+    module = importlib.import_module("examples.fastapi_app")
+    async with LifespanManager(module.app):
+        _, key = await module.ozwell.keys.create(name="t", owner="o")
+        client = async_openai(module.app, key, base_url="http://testserver/v1")
+        completion = await client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "x"}])
+        assert completion.choices[0].message.content == "x"
+        await client.close()
+        async with raw_client(module.app) as http:
+            assert (await http.get("/me", headers={"x-user": "ann"})).json() == {"user": "ann"}
+            assert (await http.get("/me")).status_code == 401
+            assert (await http.get("/v1/models")).json()["error"]["code"] == "missing_api_key"
+    sys.modules.pop("examples.fastapi_app", None)
+
+
+@pytest.mark.slow
+def test_openai_sdk_example() -> None:
+    api = OzwellAPI(secret="s" * 32)
+    key = anyio.run(lambda: api.keys.create(name="t", owner="o"))[1]
+    with uvicorn_server(PrefixedApp(api)) as url:
+        out = subprocess.run(
+            [sys.executable, str(EXAMPLES / "openai_sdk.py")],
+            env={**os.environ, "OZWELL_API_KEY": key, "OZWELL_BASE_URL": url + "/v1"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["Hello, Ozwell!", "Tell me a story", "Hello from asyncio"]
