@@ -1,0 +1,179 @@
+// The official OpenAI Node SDK, unchanged, against a live ozwell_asgi server.
+//
+//   OZWELL_BASE_URL=http://127.0.0.1:8000/v1 OZWELL_API_KEY=ozw_... node sdk_check.mjs
+//
+// Prints a JSON summary on stdout and exits 0; on the first failed check, prints what failed on stderr and exits 1.
+import assert from 'node:assert/strict';
+import OpenAI from 'openai';
+import { VERSION } from 'openai/version';
+
+const baseURL = process.env.OZWELL_BASE_URL;
+const apiKey = process.env.OZWELL_API_KEY;
+if (!baseURL || !apiKey) {
+  console.error('sdk_check: set OZWELL_BASE_URL (e.g. http://127.0.0.1:8000/v1) and OZWELL_API_KEY');
+  process.exit(2);
+}
+
+const client = new OpenAI({ apiKey, baseURL, maxRetries: 0, timeout: 20_000 });
+const summary = { sdk_version: VERSION, node_version: process.version, checks: [] };
+
+async function check(name, fn) {
+  try {
+    const detail = await fn();
+    summary.checks.push({ name, ok: true, detail: detail ?? {} });
+  } catch (err) {
+    console.error(`sdk_check: FAILED check "${name}": ${err?.stack ?? err}`);
+    console.error(`sdk_check: checks passed before the failure: ${JSON.stringify(summary.checks.map((c) => c.name))}`);
+    process.exit(1);
+  }
+}
+
+async function rejection(promise) {
+  try {
+    await promise;
+  } catch (err) {
+    return err;
+  }
+  assert.fail('the request succeeded but was expected to be rejected');
+}
+
+await check('chat.completions.create', async () => {
+  const text = 'hello from the node sdk';
+  const completion = await client.chat.completions.create({
+    model: 'echo',
+    messages: [
+      { role: 'system', content: 'be brief' },
+      { role: 'user', content: 'an earlier message' },
+      { role: 'user', content: text },
+    ],
+  });
+  assert.equal(completion.object, 'chat.completion');
+  assert.equal(completion.choices.length, 1);
+  assert.equal(completion.choices[0].message.role, 'assistant');
+  assert.equal(completion.choices[0].message.content, text);
+  assert.equal(completion.choices[0].finish_reason, 'stop');
+  assert.ok(completion.usage, 'usage is missing');
+  assert.ok(completion.usage.total_tokens > 0, `usage.total_tokens = ${completion.usage.total_tokens}`);
+  assert.equal(completion.usage.total_tokens, completion.usage.prompt_tokens + completion.usage.completion_tokens);
+  return { id: completion.id, usage: completion.usage };
+});
+
+await check('chat.completions.create stream', async () => {
+  const text = 'streamed through the node sdk';
+  const stream = await client.chat.completions.create({
+    model: 'echo',
+    messages: [{ role: 'user', content: text }],
+    stream: true,
+    stream_options: { include_usage: true },
+  });
+  const chunks = [];
+  for await (const chunk of stream) chunks.push(chunk);
+  assert.ok(chunks.length >= 2, `only ${chunks.length} chunk(s)`);
+  for (const chunk of chunks) assert.equal(chunk.object, 'chat.completion.chunk');
+  const content = chunks.map((c) => c.choices[0]?.delta?.content ?? '').join('');
+  assert.equal(content, text);
+  assert.ok(chunks.some((c) => c.choices[0]?.finish_reason === 'stop'), 'no chunk has finish_reason "stop"');
+  const last = chunks.at(-1);
+  assert.deepEqual(last.choices, [], 'the usage chunk must have empty choices');
+  assert.ok(last.usage, 'the final chunk has no usage');
+  assert.ok(last.usage.total_tokens > 0, `usage.total_tokens = ${last.usage.total_tokens}`);
+  for (const chunk of chunks.slice(0, -1)) assert.ok(chunk.usage == null, 'usage appears before the final chunk');
+  return { chunks: chunks.length, content, usage: last.usage };
+});
+
+await check('models.list', async () => {
+  const ids = [];
+  for await (const model of client.models.list()) {
+    assert.equal(model.object, 'model');
+    ids.push(model.id);
+  }
+  assert.ok(ids.includes('echo'), `models.list() gave ${JSON.stringify(ids)}`);
+  return { ids };
+});
+
+await check('models.retrieve', async () => {
+  const model = await client.models.retrieve('echo');
+  assert.equal(model.id, 'echo');
+  assert.equal(model.object, 'model');
+  assert.equal(typeof model.owned_by, 'string');
+  assert.equal(typeof model.created, 'number');
+  return { id: model.id, owned_by: model.owned_by };
+});
+
+await check('unknown model → NotFoundError', async () => {
+  const err = await rejection(
+    client.chat.completions.create({ model: 'no-such-model', messages: [{ role: 'user', content: 'x' }] }),
+  );
+  assert.ok(err instanceof OpenAI.NotFoundError, `expected OpenAI.NotFoundError, got ${err?.constructor?.name}: ${err}`);
+  assert.equal(err.status, 404);
+  assert.equal(err.code, 'model_not_found');
+  assert.equal(err.type, 'invalid_request_error');
+  assert.equal(err.param, 'model');
+  assert.ok(err.requestID, 'the error carries no request id');
+  return { status: err.status, code: err.code, type: err.type, request_id: err.requestID };
+});
+
+await check('bad key → AuthenticationError', async () => {
+  const bad = new OpenAI({ apiKey: 'ozw_' + 'x'.repeat(40), baseURL, maxRetries: 0 });
+  const err = await rejection(bad.models.list());
+  assert.ok(
+    err instanceof OpenAI.AuthenticationError,
+    `expected OpenAI.AuthenticationError, got ${err?.constructor?.name}: ${err}`,
+  );
+  assert.equal(err.status, 401);
+  assert.equal(typeof err.message, 'string');
+  return { status: err.status, code: err.code, type: err.type };
+});
+
+await check('forced tool call', async () => {
+  const completion = await client.chat.completions.create({
+    model: 'echo',
+    messages: [{ role: 'user', content: 'Paris' }],
+    tools: [
+      {
+        type: 'function',
+        function: {
+          name: 'get_weather',
+          description: 'Weather for a city',
+          parameters: {
+            type: 'object',
+            properties: { city: { type: 'string' }, days: { type: 'integer', minimum: 1 } },
+            required: ['city', 'days'],
+          },
+        },
+      },
+    ],
+    tool_choice: { type: 'function', function: { name: 'get_weather' } },
+  });
+  const choice = completion.choices[0];
+  // As OpenAI does: a tool_choice naming a function ends with "stop"; only "required"/"auto" give "tool_calls".
+  assert.equal(choice.finish_reason, 'stop');
+  assert.equal(choice.message.tool_calls?.length, 1, 'expected exactly one tool call');
+  const call = choice.message.tool_calls[0];
+  assert.equal(call.type, 'function');
+  assert.equal(typeof call.id, 'string');
+  assert.ok(call.id.length > 0, 'the tool call has an empty id');
+  assert.equal(call.function.name, 'get_weather');
+  const args = JSON.parse(call.function.arguments);
+  assert.equal(typeof args.city, 'string');
+  assert.equal(typeof args.days, 'number');
+  return { name: call.function.name, arguments: args, finish_reason: choice.finish_reason };
+});
+
+await check('x-request-id via withResponse/asResponse', async () => {
+  const { data, response, request_id } = await client.chat.completions
+    .create({ model: 'echo', messages: [{ role: 'user', content: 'raw' }] })
+    .withResponse();
+  assert.equal(data.choices[0].message.content, 'raw');
+  const header = response.headers.get('x-request-id');
+  assert.ok(header && header.startsWith('req_'), `x-request-id = ${header}`);
+  assert.equal(request_id, header);
+  assert.equal(data._request_id, header);
+  const raw = await client.models.retrieve('echo').asResponse();
+  assert.equal(raw.status, 200);
+  assert.ok(raw.headers.get('x-request-id')?.startsWith('req_'));
+  return { request_id: header };
+});
+
+summary.ok = true;
+console.log(JSON.stringify(summary));
