@@ -1,8 +1,8 @@
 """The Ozwell docs' first request, with the official OpenAI Python SDK pointed at ozwell-asgi.
 
-    ozwell-asgi serve &
-    export OZWELL_API_KEY=$(ozwell-asgi keys create --name me | tail -1)
-    python examples/openai_sdk.py
+ozwell-asgi serve &
+export OZWELL_API_KEY=$(ozwell-asgi keys create --name me | tail -1)
+python examples/openai_sdk.py
 """
 
 from __future__ import annotations
