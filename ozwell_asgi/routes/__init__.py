@@ -9,7 +9,7 @@ from typing import Any
 from starlette.requests import Request
 
 from ..context import Services
-from . import chat, models
+from . import chat, keys, models
 
 Handler = Callable[[Services, Request], Awaitable[Any]]
 
@@ -17,4 +17,7 @@ ROUTES: tuple[tuple[str, tuple[str, ...], Handler], ...] = (
     ("/chat/completions", ("POST",), chat.create_chat_completion),
     ("/models", ("GET",), models.list_models),
     ("/models/{model:path}", ("GET",), models.retrieve_model),
+    ("/api-keys", ("GET", "POST"), keys.keys_collection),
+    ("/api-keys/{key_id}", ("GET", "DELETE"), keys.key_item),
+    ("/api-keys/{key_id}/rotate", ("POST",), keys.rotate_key),
 )

@@ -1,0 +1,243 @@
+"""The key management API: create, list, retrieve, revoke and rotate ``ozw_`` keys over HTTP.
+
+    POST   /api-keys                  create  -> 201, the key object plus its "secret" (shown this once)
+    GET    /api-keys                  list    -> {"object": "list", "data", "has_more", "first_id", "last_id"}
+    GET    /api-keys/{key_id}         get     -> the key object
+    DELETE /api-keys/{key_id}         revoke  -> {"id", "object": "api_key.deleted", "deleted": true}
+    POST   /api-keys/{key_id}/rotate  rotate  -> the key object plus its new "secret"
+
+Every route needs a key with the ``admin`` or ``admin:global`` scope (401 without a valid key, 403
+``insufficient_permissions`` without the scope) and costs one request and no tokens on the caller's rate limit;
+successful answers carry the rate-limit headers. An ``admin`` key manages the keys of its own owner only: another
+owner's key answers 404 ``api_key_not_found`` exactly like an unknown id, so ids never leak. ``admin:global``
+manages every owner's keys.
+
+Creating: ``owner`` defaults to the caller's; another owner needs ``admin:global`` (403). A key may grant only the
+scopes its creator holds (403 otherwise), where ``admin:global`` implies ``admin`` and ``admin`` implies ``api``:
+an ``admin`` key can mint ``api`` and ``admin`` keys of its owner, never an ``admin:global`` one.
+
+Revoking is idempotent: revoking a revoked key answers the deletion object again (the key stays listed, with
+``status: "revoked"``). Rotating a revoked key is refused with 400 ``api_key_revoked`` (it has no secret to
+replace); rotating an expired key succeeds, as :meth:`KeyManager.rotate` does for the CLI, but the new secret is
+no more usable than the old one until the key is replaced (its ``status`` stays ``"expired"``).
+
+Everything goes through :class:`~ozwell_asgi.auth.KeyManager` (the CLI's implementation too) and so through the
+app's :class:`~ozwell_asgi.stores.cache.CachedKeyStore`: a rotated or revoked secret stops working in this process
+at once. Secrets and hashes are never in a key object; ``redacted_value`` shows the secret's first characters.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from starlette.requests import Request
+
+from ..auth import KNOWN_SCOPES
+from ..bodies import read_json_body
+from ..context import Services
+from ..errors import InvalidRequestError, NotFoundError, PermissionDeniedError
+from ..ratelimit import rate_limit_headers
+from ..responses import JSONResponse
+from ..types import DEFAULT_SCOPES, SCOPE_ADMIN, SCOPE_ADMIN_GLOBAL, SCOPE_API, APIKey, Principal
+from ..wire.keys import parse_create_key_request
+from .chat import encode_headers
+
+__all__ = [
+    "create_key",
+    "delete_key",
+    "key_item",
+    "key_object",
+    "keys_collection",
+    "list_keys",
+    "retrieve_key",
+    "rotate_key",
+]
+
+# What holding a scope lets a key grant: the scope itself and everything below it.
+_IMPLIED: dict[str, frozenset[str]] = {
+    SCOPE_API: frozenset({SCOPE_API}),
+    SCOPE_ADMIN: frozenset({SCOPE_ADMIN, SCOPE_API}),
+    SCOPE_ADMIN_GLOBAL: frozenset({SCOPE_ADMIN_GLOBAL, SCOPE_ADMIN, SCOPE_API}),
+}
+
+Headers = list[tuple[bytes, bytes]]
+
+
+def key_status(key: APIKey, now: float | None = None) -> str:
+    """``"revoked"``, ``"expired"`` or ``"active"`` (revocation wins over expiry)."""
+    if key.revoked_at is not None:
+        return "revoked"
+    if key.expires_at is not None and (time.time() if now is None else now) >= key.expires_at:
+        return "expired"
+    return "active"
+
+
+def key_object(key: APIKey, secret: str | None = None) -> dict[str, Any]:
+    """The wire form of a key; ``secret`` is added only by create and rotate. Never the hash."""
+    body: dict[str, Any] = {
+        "id": key.id,
+        "object": "api_key",
+        "name": key.name,
+        "owner": key.owner,
+        "plan": key.plan,
+        "rpm": key.rpm,
+        "tpm": key.tpm,
+        "models": None if key.models is None else list(key.models),
+        "scopes": list(key.scopes),
+        "created_at": key.created_at,
+        "expires_at": key.expires_at,
+        "revoked_at": key.revoked_at,
+        "status": key_status(key),
+        "redacted_value": key.hint + "…",
+    }
+    if secret is not None:
+        body["secret"] = secret
+    return body
+
+
+def _is_global(principal: Principal) -> bool:
+    return SCOPE_ADMIN_GLOBAL in principal.scopes
+
+
+async def _admin(services: Services, request: Request) -> tuple[Principal, Headers]:
+    """The caller, who must hold ``admin`` or ``admin:global``; one request, no tokens, taken on its limit."""
+    principal = await services.authenticator.authenticate(request.headers.get("authorization"))
+    if SCOPE_ADMIN not in principal.scopes and not _is_global(principal):
+        raise PermissionDeniedError(
+            f"This API key does not have the '{SCOPE_ADMIN}' scope this endpoint requires.",
+        )
+    reservation = await services.limiter.reserve(principal.key_id, principal.quota, 0)
+    await services.limiter.settle(reservation, 0)
+    return principal, encode_headers(rate_limit_headers(reservation))
+
+
+def _not_found(key_id: str) -> NotFoundError:
+    shown = key_id if len(key_id) <= 100 else key_id[:100] + "..."
+    return NotFoundError(f"No API key found with id '{shown}'.", code="api_key_not_found")
+
+
+async def _visible_key(services: Services, principal: Principal, key_id: str) -> APIKey:
+    """The key ``key_id`` if the caller may manage it; 404 if unknown or another owner's (for a non-global key)."""
+    key = await services.keys.get(key_id)
+    if key is None or (key.owner != principal.owner and not _is_global(principal)):
+        raise _not_found(key_id)
+    return key
+
+
+def _grantable(principal: Principal) -> frozenset[str]:
+    granted: set[str] = set()
+    for scope in principal.scopes:
+        granted |= _IMPLIED.get(scope, frozenset({scope}))
+    return frozenset(granted)
+
+
+async def create_key(services: Services, request: Request) -> JSONResponse:
+    """POST /api-keys: 201 with the key object and its ``secret``; 400 (with ``param``), 403, 413 or 415."""
+    principal, headers = await _admin(services, request)
+    body = parse_create_key_request(await read_json_body(request, services.settings.max_body_size))
+    owner = principal.owner if body.owner is None else body.owner
+    if owner != principal.owner and not _is_global(principal):
+        raise PermissionDeniedError(
+            f"Creating a key for another owner requires the '{SCOPE_ADMIN_GLOBAL}' scope.", param="owner"
+        )
+    scopes = DEFAULT_SCOPES if body.scopes is None else tuple(body.scopes)
+    # Unknown scopes are KeyManager's 400; only known ones can be an escalation.
+    beyond = [s for s in scopes if s in KNOWN_SCOPES and s not in _grantable(principal)]
+    if beyond:
+        raise PermissionDeniedError(
+            f"This API key cannot grant the '{beyond[0]}' scope, which it does not hold itself.", param="scopes"
+        )
+    key, secret = await services.keys.create(
+        name=body.name,
+        owner=owner,
+        plan=body.plan,
+        rpm=body.rpm,
+        tpm=body.tpm,
+        models=body.models,
+        scopes=scopes,
+        expires_in=body.expires_in_seconds(),
+    )
+    return JSONResponse(key_object(key, secret), status=201, headers=headers)
+
+
+async def list_keys(services: Services, request: Request) -> JSONResponse:
+    """GET /api-keys[?owner=]: the caller's owner's keys (every owner's, or ``owner``'s, for ``admin:global``).
+
+    Ordered by creation time; revoked and expired keys included (see ``status``). A non-global key asking for
+    another owner gets 403.
+    """
+    principal, headers = await _admin(services, request)
+    wanted = request.query_params.get("owner")
+    if _is_global(principal):
+        owner = wanted or None
+    else:
+        if wanted and wanted != principal.owner:
+            raise PermissionDeniedError(
+                f"Listing another owner's keys requires the '{SCOPE_ADMIN_GLOBAL}' scope.", param="owner"
+            )
+        owner = principal.owner
+    data = [key_object(k) for k in await services.keys.list(owner)]
+    return JSONResponse(
+        {
+            "object": "list",
+            "data": data,
+            "has_more": False,
+            "first_id": data[0]["id"] if data else None,
+            "last_id": data[-1]["id"] if data else None,
+        },
+        headers=headers,
+    )
+
+
+async def retrieve_key(services: Services, request: Request) -> JSONResponse:
+    """GET /api-keys/{key_id}: the key object; 404 ``api_key_not_found`` if unknown or not the caller's to see."""
+    principal, headers = await _admin(services, request)
+    key = await _visible_key(services, principal, request.path_params["key_id"])
+    return JSONResponse(key_object(key), headers=headers)
+
+
+async def delete_key(services: Services, request: Request) -> JSONResponse:
+    """DELETE /api-keys/{key_id}: revoke (idempotent); ``{"id", "object": "api_key.deleted", "deleted": true}``."""
+    principal, headers = await _admin(services, request)
+    key = await _visible_key(services, principal, request.path_params["key_id"])
+    revoked = await services.keys.revoke(key.id)
+    if revoked is None:  # deleted from the store between the two calls
+        raise _not_found(key.id)
+    return JSONResponse({"id": revoked.id, "object": "api_key.deleted", "deleted": True}, headers=headers)
+
+
+async def rotate_key(services: Services, request: Request) -> JSONResponse:
+    """POST /api-keys/{key_id}/rotate: the key object with its new ``secret``; the old secret stops at once.
+
+    404 ``api_key_not_found`` as for GET; 400 ``api_key_revoked`` for a revoked key. Any request body is ignored.
+    """
+    principal, headers = await _admin(services, request)
+    key = await _visible_key(services, principal, request.path_params["key_id"])
+    rotated = None if key.revoked_at is not None else await services.keys.rotate(key.id)
+    if rotated is None:
+        if await services.keys.get(key.id) is None:  # deleted from the store meanwhile
+            raise _not_found(key.id)
+        raise InvalidRequestError(
+            f"The API key '{key.id}' is revoked and cannot be rotated; create a new key instead.",
+            code="api_key_revoked",
+        )
+    new_key, secret = rotated
+    return JSONResponse(key_object(new_key, secret), headers=headers)
+
+
+# One route per path, so a wrong method gets 405 with the full ``Allow`` list (HEAD is Starlette's, served as GET).
+
+
+async def keys_collection(services: Services, request: Request) -> JSONResponse:
+    """/api-keys: GET lists, POST creates."""
+    if request.method == "POST":
+        return await create_key(services, request)
+    return await list_keys(services, request)
+
+
+async def key_item(services: Services, request: Request) -> JSONResponse:
+    """/api-keys/{key_id}: GET retrieves, DELETE revokes."""
+    if request.method == "DELETE":
+        return await delete_key(services, request)
+    return await retrieve_key(services, request)
