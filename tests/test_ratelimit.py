@@ -6,11 +6,6 @@ Outage tests run a private ``redis-server`` on a free port and kill it mid-test.
 from __future__ import annotations
 
 import logging
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
@@ -29,8 +24,8 @@ from ozwell_asgi.ratelimit import (
     validate_plan,
 )
 from ozwell_asgi.types import Quota, RateLimitWindow, Reservation
+from tests.redis_server import PrivateRedis, running_private_redis
 
-REQUIRE_SERVICES = os.environ.get("OZWELL_TEST_REQUIRE_SERVICES") == "1"
 # Ten seconds into a window (window 1000 of 60 s): far from any boundary, whatever the real time is.
 T0 = 60_000.0 + 10.0
 
@@ -357,84 +352,10 @@ async def test_keys_are_namespaced_and_expire(redis_url: str, redis_prefix: str)
 # ------------------------------------------------------------------------------------------------- outages
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class PrivateRedis:
-    """A throwaway ``redis-server`` on a fixed port, which a test can stop, freeze and start again."""
-
-    def __init__(self, binary: str, port: int) -> None:
-        self.binary = binary
-        self.port = port
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def start(self) -> None:
-        assert self.proc is None
-        self.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(64).startswith(b"+PONG"):
-                        return
-            except OSError:
-                pass
-            if self.proc.poll() is not None:
-                break
-            time.sleep(0.05)
-        self.stop()
-        raise RuntimeError(f"redis-server did not start on port {self.port}")
-
-    def freeze(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None:
-            return
-        proc.send_signal(signal.SIGCONT)
-        proc.kill()
-        proc.wait(timeout=10)
-
-
 @pytest.fixture
 def private_redis() -> Iterator[PrivateRedis]:
-    binary = shutil.which("redis-server")
-    if binary is None:
-        if REQUIRE_SERVICES:
-            pytest.fail("redis-server is not installed, and OZWELL_TEST_REQUIRE_SERVICES=1 requires it")
-        pytest.skip("redis-server is not installed")
-    server = PrivateRedis(binary, _free_port())
-    server.start()
-    try:
+    with running_private_redis() as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.mark.slow
