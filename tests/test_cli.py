@@ -1,0 +1,616 @@
+"""The ``ozwell-asgi`` command line: keys create/list/revoke/rotate in-process, argument errors, the secret file, and
+``serve`` as real processes (the official SDK against it; exact rate limits across workers and hosts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import anyio
+import httpx
+import openai
+import pytest
+
+from ozwell_asgi import OzwellAPI
+from ozwell_asgi.app import PrefixedApp
+from ozwell_asgi.cli import main
+from tests.conftest import PG_ADMIN_DB, PG_HOST, PG_PORT, PG_USER, need_service
+from tests.harness import free_port, raw_client
+
+OZWELL_ENV = (
+    "OZWELL_STORE_URL",
+    "OZWELL_LIMITER_URL",
+    "OZWELL_LIMITER_NAMESPACE",
+    "OZWELL_SECRET",
+    "OZWELL_SECRET_FILE",
+    "OZWELL_KEY_CACHE_TTL",
+    "OZWELL_ON_LIMITER_ERROR",
+)
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """No OZWELL_* setting leaks in from the machine, and relative defaults land in tmp_path."""
+    for name in OZWELL_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.chdir(tmp_path)
+
+
+class CLI:
+    """Runs ``main`` in-process against one store and secret file, capturing its output."""
+
+    def __init__(self, capsys: pytest.CaptureFixture[str], store: str, secret_file: Path) -> None:
+        self.capsys = capsys
+        self.store = store
+        self.secret_file = secret_file
+
+    def run(self, *argv: str) -> tuple[int, str, str]:
+        self.capsys.readouterr()
+        code = main(list(argv))
+        out, err = self.capsys.readouterr()
+        assert "Traceback" not in out + err
+        return code, out, err
+
+    def create(self, *extra: str) -> tuple[str, str, str]:
+        """Create a key; returns (id, secret, stdout)."""
+        code, out, err = self.run(
+            "keys", "create", "--name", "ci", "--store", self.store, "--secret-file", str(self.secret_file), *extra
+        )
+        assert code == 0, err
+        secret = out.rstrip("\n").splitlines()[-1]
+        key_id = next(line.split()[-1] for line in out.splitlines() if line.strip().startswith("id:"))
+        return key_id, secret, out
+
+    def list_json(self, *extra: str) -> list[dict[str, object]]:
+        code, out, err = self.run("keys", "list", "--json", "--store", self.store, *extra)
+        assert code == 0, err
+        rows: list[dict[str, object]] = json.loads(out)
+        return rows
+
+    @property
+    def server_secret(self) -> str:
+        return self.secret_file.read_text().strip()
+
+
+@pytest.fixture
+def cli(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> CLI:
+    return CLI(capsys, f"sqlite:///{tmp_path / 'keys.db'}", tmp_path / "test.secret")
+
+
+def models_status(store: str, secret: str, key: str) -> int:
+    """GET /v1/models with ``key`` on a fresh in-process app over ``store``: the HTTP status."""
+
+    async def run() -> int:
+        api = OzwellAPI(key_store=store, secret=secret, key_cache_ttl=0)
+        try:
+            async with raw_client(PrefixedApp(api)) as http:
+                response = await http.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
+                return response.status_code
+        finally:
+            await api.aclose()
+
+    return anyio.run(run)
+
+
+def assert_is_key(line: str) -> None:
+    assert line.startswith("ozw_")
+    assert len(line) >= 36
+    assert " " not in line
+
+
+@pytest.fixture
+def pg_url() -> Iterator[str]:
+    """A plain ``postgresql://`` URL of a database made for this test and dropped after it.
+
+    Like conftest's ``postgres_url``, but a sync fixture: these tests call ``main``, which runs its own event loop.
+    """
+    need_service("PostgreSQL", PG_HOST, PG_PORT)
+    import asyncpg
+
+    name = f"ozwell_test_{uuid.uuid4().hex[:12]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(host=PG_HOST, port=PG_PORT, user=PG_USER, database=PG_ADMIN_DB)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    anyio.run(admin, f'CREATE DATABASE "{name}"')
+    try:
+        yield f"postgresql://{PG_USER}@{PG_HOST}:{PG_PORT}/{name}"
+    finally:
+        anyio.run(admin, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# --------------------------------------------------------------------------------------------- keys, in-process
+
+
+def test_create_prints_the_secret_alone_on_the_last_line_and_it_authenticates(cli: CLI) -> None:
+    key_id, secret, out = cli.create("--owner", "acme", "--plan", "pro", "--rpm", "7", "--expires-in", "30d")
+    assert_is_key(secret)
+    assert out.endswith(secret + "\n")
+    assert key_id.startswith("key_")
+    for shown in ("acme", "pro", "7 requests/min", "100000 tokens/min"):
+        assert shown in out
+    assert models_status(cli.store, cli.server_secret, secret) == 200
+    assert models_status(cli.store, cli.server_secret, "ozw_" + "x" * 43) == 401
+    # Another secret means other hashes: the key does not authenticate there.
+    assert models_status(cli.store, "another secret of 32 bytes......", secret) == 401
+
+
+def test_create_options_are_stored(cli: CLI) -> None:
+    key_id, _, _ = cli.create("--models", "echo, gpt-*", "--scopes", "api,admin", "--tpm", "500", "--expires-in", "1h")
+    [row] = cli.list_json()
+    assert row["id"] == key_id
+    assert row["models"] == ["echo", "gpt-*"]
+    assert row["scopes"] == ["api", "admin"]
+    assert row["plan"] == "free"
+    assert (row["rpm"], row["tpm"]) == (20, 500)
+    assert row["owner"] == "default"
+    expires_at, created_at = row["expires_at"], row["created_at"]
+    assert isinstance(expires_at, int) and isinstance(created_at, int)
+    assert expires_at - created_at == 3600
+    assert row["status"] == "active"
+
+
+def test_list_never_shows_a_secret_or_hash(cli: CLI) -> None:
+    from ozwell_asgi.auth import KeyHasher
+
+    _, secret_a, _ = cli.create()
+    cli.create("--owner", "other")
+    hashes = [KeyHasher(cli.server_secret).hash(secret_a)]
+    code, table, _ = cli.run("keys", "list", "--store", cli.store)
+    assert code == 0
+    _, as_json, _ = cli.run("keys", "list", "--json", "--store", cli.store)
+    for out in (table, as_json):
+        assert secret_a not in out
+        assert hashes[0] not in out
+        assert secret_a[:8] in out  # the hint, which tells keys apart
+    lines = table.strip().splitlines()
+    assert lines[0].split()[:4] == ["ID", "NAME", "OWNER", "PLAN"]
+    assert len(lines) == 3
+    rows = json.loads(as_json)
+    assert {r["owner"] for r in rows} == {"default", "other"}
+    assert not any("key_hash" in r for r in rows)
+    assert [r["owner"] for r in cli.list_json("--owner", "other")] == ["other"]
+
+
+def test_revoke_stops_the_key(cli: CLI) -> None:
+    key_id, secret, _ = cli.create()
+    keep_id, keep, _ = cli.create()
+    assert models_status(cli.store, cli.server_secret, secret) == 200
+    code, out, _ = cli.run("keys", "revoke", key_id, "--store", cli.store)
+    assert code == 0
+    assert key_id in out
+    assert models_status(cli.store, cli.server_secret, secret) == 401
+    assert models_status(cli.store, cli.server_secret, keep) == 200
+    status = {r["id"]: r["status"] for r in cli.list_json()}
+    assert status == {key_id: "revoked", keep_id: "active"}
+    code, out, _ = cli.run("keys", "revoke", key_id, "--store", cli.store)  # idempotent
+    assert code == 0
+    assert "already revoked" in out
+
+
+def test_rotate_replaces_the_secret(cli: CLI) -> None:
+    key_id, old, _ = cli.create()
+    code, out, _ = cli.run("keys", "rotate", key_id, "--store", cli.store, "--secret-file", str(cli.secret_file))
+    assert code == 0
+    new = out.rstrip("\n").splitlines()[-1]
+    assert_is_key(new)
+    assert new != old
+    assert models_status(cli.store, cli.server_secret, new) == 200
+    assert models_status(cli.store, cli.server_secret, old) == 401
+    [row] = cli.list_json()
+    assert row["id"] == key_id
+    assert row["hint"] == new[:8]
+
+
+def test_unknown_or_revoked_ids(cli: CLI) -> None:
+    key_id, _, _ = cli.create()
+    for command in (["revoke", "key_nope"], ["rotate", "key_nope", "--secret-file", str(cli.secret_file)]):
+        code, out, err = cli.run("keys", *command, "--store", cli.store)
+        assert code == 1
+        assert "key_nope" in err
+        assert out == ""
+    cli.run("keys", "revoke", key_id, "--store", cli.store)
+    code, out, err = cli.run("keys", "rotate", key_id, "--store", cli.store, "--secret-file", str(cli.secret_file))
+    assert code == 1
+    assert "revoked" in err
+    assert "ozw_" not in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        ([], "required"),
+        (["keys"], "required"),
+        (["frobnicate"], "invalid choice"),
+        (["keys", "create"], "--name"),
+        (["keys", "create", "--name", "x", "--plan", "gold"], "plan"),
+        (["keys", "create", "--name", "x", "--rpm", "-1"], "rpm"),
+        (["keys", "create", "--name", "x", "--rpm", "0"], "rpm"),
+        (["keys", "create", "--name", "x", "--tpm", "many"], "--tpm"),
+        (["keys", "create", "--name", "x", "--expires-in", "3q"], "duration"),
+        (["keys", "create", "--name", "x", "--expires-in", "0"], "duration"),
+        (["keys", "create", "--name", "x", "--scopes", "api,root"], "scope"),
+        (["keys", "create", "--name", "x", "--models", ","], "--models"),
+        (["keys", "create", "--name", ""], "name"),
+        (["keys", "create", "--name", "x", "--store", "ftp://host/db"], "unsupported key store"),
+        (["keys", "list", "--store", "not a url"], "key store"),
+        (["keys", "list", "--store", "postgresql://user:hunter2@127.0.0.1:1/db"], "key store"),
+        (["keys", "list", "--store", "sqlite:////nonexistent-dir/x/y.db"], "key store"),
+        (["keys", "revoke"], "ID"),
+        (["serve", "--store", "ftp://host/db"], "unsupported key store"),
+        (["serve", "--store", "postgresql://user:hunter2@127.0.0.1:1/db"], "key store"),
+        (["serve", "--limiter", "nosuch://x"], "--limiter"),
+        (["serve", "--limiter", "no-scheme"], "--limiter"),
+        (["serve", "--on-limiter-error", "maybe"], "invalid choice"),
+        (["serve", "--workers", "0"], "--workers"),
+        (["serve", "--port", "http"], "--port"),
+        (["serve", "--port", "70000"], "--port"),
+        (["serve", "--key-cache-ttl", "-1"], "--key-cache-ttl"),
+    ],
+)
+def test_bad_arguments_exit_non_zero_with_one_line(
+    argv: list[str], needle: str, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    if argv[:2] == ["keys", "create"] and "--store" not in argv:
+        argv = [*argv, "--store", f"sqlite:///{tmp_path / 'k.db'}"]
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code != 0
+    assert "ozw_" not in out
+    assert "Traceback" not in err
+    assert "hunter2" not in err  # a store URL's password is never echoed
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert needle.lower() in lines[0].lower()
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [[], ["serve"], ["keys"], ["keys", "create"], ["keys", "list"], ["keys", "revoke"], ["keys", "rotate"]],
+)
+def test_help_works_for_every_command(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main([*argv, "--help"]) == 0
+    out, _ = capsys.readouterr()
+    assert out.startswith("usage: ozwell-asgi")
+
+
+# ------------------------------------------------------------------------------------------- secret and environment
+
+
+def test_secret_file_is_created_0600_once_and_reused(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    store = f"sqlite:///{tmp_path / 'keys.db'}"
+    assert main(["keys", "create", "--name", "a", "--store", store]) == 0
+    first_out, err = capsys.readouterr()
+    path = tmp_path / "ozwell.secret"  # the default, relative to the working directory
+    assert "ozwell.secret" in err
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    content = path.read_text()
+    assert len(bytes.fromhex(content.strip())) == 32
+    assert main(["keys", "create", "--name", "b", "--store", store]) == 0
+    second_out, err = capsys.readouterr()
+    assert err == ""  # nothing new was created
+    assert path.read_text() == content
+    for out in (first_out, second_out):
+        assert models_status(store, content.strip(), out.splitlines()[-1]) == 200
+    assert sorted(p.name for p in tmp_path.iterdir() if "secret" in p.name) == ["ozwell.secret"]  # no temp files
+
+
+def test_secret_file_from_env_and_flag(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    store = f"sqlite:///{tmp_path / 'keys.db'}"
+    monkeypatch.setenv("OZWELL_SECRET_FILE", str(tmp_path / "env.secret"))
+    assert main(["keys", "create", "--name", "a", "--store", store]) == 0
+    assert (tmp_path / "env.secret").exists()
+    assert (
+        main(["keys", "create", "--name", "a", "--store", store, "--secret-file", str(tmp_path / "flag.secret")]) == 0
+    )
+    assert (tmp_path / "flag.secret").exists()
+    assert not (tmp_path / "ozwell.secret").exists()
+    capsys.readouterr()
+
+
+def test_rotate_never_creates_the_secret_file(cli: CLI, tmp_path: Path) -> None:
+    key_id, _, _ = cli.create()
+    missing = tmp_path / "missing.secret"
+    code, _, err = cli.run("keys", "rotate", key_id, "--store", cli.store, "--secret-file", str(missing))
+    assert code == 1
+    assert "missing.secret" in err
+    assert not missing.exists()
+    # list and revoke do not need the secret at all
+    code, _, _ = cli.run("keys", "list", "--store", cli.store)
+    assert code == 0
+    code, _, _ = cli.run("keys", "revoke", key_id, "--store", cli.store)
+    assert code == 0
+    assert sorted(p.name for p in tmp_path.iterdir() if "secret" in p.name) == ["test.secret"]
+
+
+def test_env_store_and_secret(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    env_store = f"sqlite:///{tmp_path / 'env.db'}"
+    secret = "an environment secret, long enough"
+    monkeypatch.setenv("OZWELL_STORE_URL", env_store)
+    monkeypatch.setenv("OZWELL_SECRET", secret)
+    assert main(["keys", "create", "--name", "from-env"]) == 0
+    key = capsys.readouterr().out.splitlines()[-1]
+    assert not (tmp_path / "ozwell.secret").exists()  # OZWELL_SECRET wins: no file is made
+    assert not (tmp_path / "ozwell.db").exists()
+    assert models_status(env_store, secret, key) == 200
+    assert main(["keys", "list", "--json"]) == 0
+    assert [r["name"] for r in json.loads(capsys.readouterr().out)] == ["from-env"]
+    # the flag wins over the environment
+    flag_store = f"sqlite:///{tmp_path / 'flag.db'}"
+    assert main(["keys", "list", "--json", "--store", flag_store]) == 0
+    assert json.loads(capsys.readouterr().out) == []
+
+
+def test_short_env_secret_is_rejected(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("OZWELL_SECRET", "short")
+    assert main(["keys", "create", "--name", "x", "--store", "memory://"]) != 0
+    err = capsys.readouterr().err
+    assert "OZWELL_SECRET" in err
+    assert "16 bytes" in err
+
+
+def test_concurrent_processes_agree_on_one_secret_file(tmp_path: Path) -> None:
+    from ozwell_asgi.cli import resolve_secret
+
+    path = tmp_path / "race.secret"
+    code = f"import sys; from ozwell_asgi.cli import resolve_secret; print(resolve_secret({str(path)!r}, create=True))"
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(6)
+    ]
+    outputs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert {out.strip() for out, _ in outputs} == {path.read_text().strip()}
+    assert sum("created a new key-hashing secret" in err for _, err in outputs) == 1
+    assert resolve_secret(str(path), create=False) == path.read_text().strip()
+
+
+def test_serve_hands_its_settings_to_workers(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import uvicorn
+
+    from ozwell_asgi.cli import _ServedApp, app_from_env
+
+    monkeypatch.setattr(os, "environ", dict(os.environ))  # serve exports its settings; keep them out of other tests
+    calls: list[tuple[object, dict[str, object]]] = []
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: calls.append((app, kw)))
+    store = f"sqlite:///{tmp_path / 'w.db'}"
+    monkeypatch.setenv("OZWELL_STORE_URL", "ftp://ignored-because-the-flag-wins")
+    argv = [
+        "serve",
+        "--store",
+        store,
+        "--key-cache-ttl",
+        "0",
+        "--on-limiter-error",
+        "open",
+        "--limiter-namespace",
+        "n1",
+    ]
+    assert main([*argv, "--workers", "3", "--port", "0"]) == 0
+    err = capsys.readouterr().err
+    assert "warning" in err
+    assert "memory://" in err  # limits would be per worker
+    [(target, options)] = calls
+    assert target == "ozwell_asgi.cli:app_from_env"
+    assert (options["factory"], options["workers"], options["port"]) == (True, 3, 0)
+    secret = (tmp_path / "ozwell.secret").read_text().strip()
+    assert os.environ["OZWELL_SECRET"] == secret
+    assert os.environ["OZWELL_STORE_URL"] == store
+    assert os.environ["OZWELL_LIMITER_URL"] == "memory://"
+    assert os.environ["OZWELL_LIMITER_NAMESPACE"] == "n1"
+    assert float(os.environ["OZWELL_KEY_CACHE_TTL"]) == 0
+    assert os.environ["OZWELL_ON_LIMITER_ERROR"] == "open"
+
+    # what each worker builds from those variables serves keys made by the CLI
+    assert main(["keys", "create", "--name", "w", "--store", store, "--rpm", "1"]) == 0
+    key = capsys.readouterr().out.splitlines()[-1]
+    app = app_from_env()
+    assert isinstance(app, _ServedApp)
+
+    async def statuses() -> list[int]:
+        try:
+            async with raw_client(app) as http:
+                auth = {"Authorization": f"Bearer {key}"}
+                return [(await http.get("/v1/models", headers=auth)).status_code for _ in range(2)]
+        finally:
+            await app.api.aclose()
+            await app.limiter.aclose()
+
+    assert anyio.run(statuses) == [200, 429]
+
+    # one worker: the app itself, no factory and no exported settings needed
+    calls.clear()
+    assert main([*argv, "--port", "0"]) == 0
+    [(target, options)] = calls
+    assert isinstance(target, PrefixedApp)
+    assert "workers" not in options
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_keys_against_postgres(pg_url: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    plain = pg_url  # a plain postgresql:// URL, as people paste it
+    cli = CLI(capsys, plain, tmp_path / "pg.secret")
+    key_id, secret, _ = cli.create("--plan", "enterprise", "--rpm", "5")
+    assert_is_key(secret)
+    [row] = cli.list_json()
+    assert (row["id"], row["rpm"], row["tpm"]) == (key_id, 5, None)
+    assert models_status(plain, cli.server_secret, secret) == 200
+    code, out, _ = cli.run("keys", "rotate", key_id, "--store", plain, "--secret-file", str(cli.secret_file))
+    assert code == 0
+    new = out.splitlines()[-1]
+    assert models_status(plain, cli.server_secret, new) == 200
+    assert models_status(plain, cli.server_secret, secret) == 401
+    assert cli.run("keys", "revoke", key_id, "--store", plain)[0] == 0
+    assert models_status(plain, cli.server_secret, new) == 401
+
+
+# ------------------------------------------------------------------------------------------------ real processes
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in OZWELL_ENV}
+    env.update(extra)
+    return env
+
+
+def run_cli(*argv: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "ozwell_asgi", *argv],
+        cwd=cwd,
+        env=env or cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def create_key(*argv: str, cwd: Path, env: dict[str, str] | None = None) -> str:
+    """``ozwell-asgi keys create ... | tail -1``."""
+    done = run_cli("keys", "create", "--name", "ci", *argv, cwd=cwd, env=env)
+    assert done.returncode == 0, done.stderr
+    key = done.stdout.splitlines()[-1]
+    assert_is_key(key)
+    return key
+
+
+@contextmanager
+def serving(*argv: str, cwd: Path, env: dict[str, str] | None = None) -> Iterator[str]:
+    """``ozwell-asgi serve --port P ...`` as a subprocess, until it answers; yields its base URL (…/v1)."""
+    port = free_port()
+    log = (cwd / f"serve-{port}.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ozwell_asgi", "serve", "--port", str(port), "--log-level", "warning", *argv],
+        cwd=cwd,
+        env=env or cli_env(),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group, so its workers can be killed with it
+    )
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"serve exited with {proc.returncode}: {(cwd / f'serve-{port}.log').read_text()}")
+            try:
+                if httpx.get(base + "/models", timeout=2).status_code == 401:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail("serve did not answer within 60 s")
+            time.sleep(0.1)
+        yield base
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(timeout=10)
+        log.close()
+
+
+def wait_for_fresh_window(margin: float = 3.0) -> None:
+    """Limit windows are clock-aligned minutes: keep a burst clear of a minute boundary."""
+    into = time.time() % 60
+    if into > 60 - margin:
+        time.sleep(60 - into + 0.5)
+
+
+async def burst(urls: list[str], key: str, count: int) -> list[httpx.Response]:
+    """``count`` concurrent GET /models, round-robin over ``urls``, each on a fresh connection."""
+    responses: list[httpx.Response] = []
+
+    async def one(i: int) -> None:
+        async with httpx.AsyncClient(timeout=30) as http:
+            responses.append(
+                await http.get(urls[i % len(urls)] + "/models", headers={"Authorization": f"Bearer {key}"})
+            )
+
+    async with anyio.create_task_group() as tg:
+        for i in range(count):
+            tg.start_soon(one, i)
+    return responses
+
+
+def assert_exactly_admitted(responses: list[httpx.Response], budget: int) -> None:
+    statuses = sorted(r.status_code for r in responses)
+    assert statuses == [200] * budget + [429] * (len(responses) - budget), statuses
+    for r in responses:
+        if r.status_code == 429:
+            assert int(r.headers["retry-after"]) >= 1
+            assert r.json()["error"]["code"] == "rate_limit_exceeded"
+
+
+@pytest.mark.slow
+def test_serve_with_the_openai_sdk(tmp_path: Path) -> None:
+    store = "sqlite:///tmp.db"
+    key = create_key("--store", store, cwd=tmp_path)
+    with serving("--store", store, cwd=tmp_path) as base:
+        client = openai.OpenAI(base_url=base, api_key=key, max_retries=0)
+        completion = client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "hi there"}])
+        assert completion.choices[0].message.content
+        assert completion.usage is not None
+        chunks = list(
+            client.chat.completions.create(
+                model="echo", messages=[{"role": "user", "content": "stream me"}], stream=True
+            )
+        )
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert "echo" in [m.id for m in client.models.list()]
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=base, api_key="ozw_" + "x" * 43, max_retries=0).models.list()
+        # a key created while the server runs works at once; a revoked one stops within the key cache TTL
+        second = run_cli("keys", "create", "--name", "late", "--store", store, cwd=tmp_path)
+        late = second.stdout.splitlines()[-1]
+        assert openai.OpenAI(base_url=base, api_key=late, max_retries=0).models.list().data
+        assert httpx.get(base.removesuffix("/v1") + "/elsewhere").status_code == 404
+    assert (tmp_path / "ozwell.secret").exists()
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_redis_budget_exactly(tmp_path: Path, redis_url: str, redis_prefix: str) -> None:
+    store = f"sqlite:///{tmp_path / 'keys.db'}"
+    key = create_key("--store", store, "--plan", "free", "--rpm", "7", cwd=tmp_path)
+    argv = ("--workers", "2", "--limiter", redis_url, "--limiter-namespace", redis_prefix, "--store", store)
+    with serving(*argv, cwd=tmp_path) as base:
+        wait_for_fresh_window()
+        responses = anyio.run(burst, [base], key, 40)
+    assert_exactly_admitted(responses, 7)
+
+
+@pytest.mark.slow
+def test_two_hosts_share_redis_and_postgres_exactly(
+    tmp_path: Path, redis_url: str, redis_prefix: str, pg_url: str
+) -> None:
+    store = pg_url
+    env = cli_env(OZWELL_SECRET="a shared secret for both hosts", OZWELL_LIMITER_NAMESPACE=redis_prefix)
+    key = create_key("--store", store, "--plan", "free", "--rpm", "7", cwd=tmp_path, env=env)
+    argv = ("--limiter", redis_url, "--store", store)
+    with serving(*argv, cwd=tmp_path, env=env) as one, serving(*argv, cwd=tmp_path, env=env) as two:
+        wait_for_fresh_window()
+        responses = anyio.run(burst, [one, two], key, 40)
+    assert_exactly_admitted(responses, 7)
+    assert not (tmp_path / "ozwell.secret").exists()
