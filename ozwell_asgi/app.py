@@ -11,15 +11,17 @@ included, is in OpenAI's shape even inside a host (FastAPI, Starlette, Django) w
 from __future__ import annotations
 
 import logging
+import os
+import re
 import secrets
 import time
-import uuid
 from collections.abc import Mapping
 from typing import Any
 
+from starlette.convertors import Convertor
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.routing import Route, Router
+from starlette.routing import compile_path
 
 from .auth import Authenticator, KeyHasher, KeyManager
 from .backends.echo import EchoBackend
@@ -53,13 +55,50 @@ class _Endpoint:
         await response(scope, receive, send)
 
 
-def _request_id(scope: Scope) -> bytes:
-    for name, value in scope["headers"]:
-        if name == b"x-request-id":
-            if 0 < len(value) <= 200 and value.isascii() and value.decode().isprintable():
-                return bytes(value)
-            break
-    return b"req_" + uuid.uuid4().hex.encode()
+class _RouteTable:
+    """Finds the endpoint for a path and method: a dict lookup for fixed paths, compiled patterns (Starlette's
+    path syntax and convertors) for the rest. Built once from ``ROUTES``; HEAD is allowed wherever GET is."""
+
+    def __init__(self, routes: list[tuple[str, tuple[str, ...], _Endpoint]]) -> None:
+        self.fixed: dict[str, dict[str, _Endpoint]] = {}
+        self.patterns: list[tuple[re.Pattern[str], dict[str, Convertor[Any]], dict[str, _Endpoint]]] = []
+        for path, methods, endpoint in routes:
+            by_method = {m: endpoint for m in methods}
+            if "GET" in by_method:
+                by_method.setdefault("HEAD", endpoint)
+            if "{" in path:
+                regex, _, convertors = compile_path(path)
+                self.patterns.append((regex, convertors, by_method))
+            else:
+                self.fixed[path] = by_method
+
+    def find(self, path: str, method: str) -> tuple[_Endpoint | None, dict[str, Any], tuple[str, ...]]:
+        """(endpoint, path params, allowed methods): endpoint is None when the path is unknown (no methods) or
+        the method is not allowed (the allowed ones are given)."""
+        by_method = self.fixed.get(path)
+        params: dict[str, Any] = {}
+        if by_method is None:
+            for regex, convertors, candidate in self.patterns:
+                match = regex.match(path)
+                if match is not None:
+                    params = {k: convertors[k].convert(v) for k, v in match.groupdict().items()}
+                    by_method = candidate
+                    break
+            else:
+                return None, params, ()
+        endpoint = by_method.get(method)
+        return endpoint, params, () if endpoint is not None else tuple(by_method)
+
+
+def _new_request_id() -> bytes:
+    return b"req_" + os.urandom(16).hex().encode()
+
+
+def _request_id(headers: dict[bytes, bytes]) -> bytes:
+    value = headers.get(b"x-request-id")
+    if value is not None and 0 < len(value) <= 200 and value.isascii() and value.decode().isprintable():
+        return value
+    return _new_request_id()
 
 
 class PrefixedApp:
@@ -139,13 +178,8 @@ class OzwellAPI:
             settings=settings or Settings(),
             plans=plans,
         )
-        self.router = Router(
-            routes=[
-                Route(path, _Endpoint(handler, self.services), methods=list(methods))
-                for path, methods, handler in ROUTES
-            ],
-            redirect_slashes=False,
-            default=self._not_found,
+        self.routes = _RouteTable(
+            [(path, methods, _Endpoint(handler, self.services)) for path, methods, handler in ROUTES]
         )
         self._started = False
 
@@ -189,8 +223,9 @@ class OzwellAPI:
 
     # -- requests ---------------------------------------------------------------------------------------------
 
-    async def _not_found(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raise NotFoundError(f"Invalid URL ({scope['method']} {scope['path']})", code=None)
+    @staticmethod
+    def _not_found(scope: Scope) -> NotFoundError:
+        return NotFoundError(f"Invalid URL ({scope['method']} {scope['path']})", code=None)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
@@ -203,7 +238,9 @@ class OzwellAPI:
         if not self._started:
             await self.startup()
         began = time.perf_counter()
-        request_id = _request_id(scope)
+        headers = dict(scope["headers"])  # one pass; later duplicates win, which no header we read relies on
+        scope["ozwell.headers"] = headers
+        request_id = _request_id(headers)
         response_started = False
 
         async def send_with_ids(message: Any) -> None:
@@ -218,11 +255,24 @@ class OzwellAPI:
                 ]
             await send(message)
 
-        scope.setdefault("app", self)
         try:
+            path: str = scope["path"]
+            root = scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root) :]
             if "ozwell.outside_prefix" in scope:
-                await self._not_found(scope, receive, send_with_ids)
-            await self.router(scope, receive, send_with_ids)
+                raise self._not_found(scope)
+            endpoint, params, allowed = self.routes.find(path, scope["method"])
+            if endpoint is None:
+                if not allowed:
+                    raise self._not_found(scope)
+                raise MethodNotAllowedError(
+                    f"Invalid method for URL ({scope['method']} {scope['path']})",
+                    code=None,
+                    headers=[("Allow", ", ".join(allowed))],
+                )
+            scope["path_params"] = params
+            await endpoint(scope, receive, send_with_ids)
         except Exception as exc:
             error = self._as_error(exc, scope, request_id)
             if response_started:

@@ -9,7 +9,6 @@ by that digest (the final comparison is constant-time as well). The server secre
 from __future__ import annotations
 
 import fnmatch
-import hashlib
 import hmac
 import re
 import secrets
@@ -51,7 +50,7 @@ class KeyHasher:
         self._secret = raw
 
     def hash(self, key: str) -> str:
-        return hmac.new(self._secret, key.encode(), hashlib.sha256).hexdigest()
+        return hmac.digest(self._secret, key.encode(), "sha256").hex()
 
 
 def model_allowed(patterns: tuple[str, ...] | None, model: str) -> bool:
@@ -83,22 +82,24 @@ class Authenticator:
         self.store = store
         self.hasher = hasher
         self.plans = plans
-        self._principals: dict[APIKey, Principal] = {}
+        self._principals: dict[str, tuple[APIKey, Principal]] = {}
 
     def principal_for(self, key: APIKey) -> Principal:
-        principal = self._principals.get(key)
-        if principal is None:
-            if len(self._principals) > 10_000:
-                self._principals.clear()
-            principal = Principal(
-                key_id=key.id,
-                owner=key.owner,
-                plan=key.plan,
-                quota=quota_for(key.plan, key.rpm, key.tpm, self.plans),
-                models=key.models,
-                scopes=frozenset(key.scopes),
-            )
-            self._principals[key] = principal
+        """The principal of ``key``, memoised per stored key (a changed record gets a new one)."""
+        memo = self._principals.get(key.id)
+        if memo is not None and (memo[0] is key or memo[0] == key):
+            return memo[1]
+        if len(self._principals) > 10_000:
+            self._principals.clear()
+        principal = Principal(
+            key_id=key.id,
+            owner=key.owner,
+            plan=key.plan,
+            quota=quota_for(key.plan, key.rpm, key.tpm, self.plans),
+            models=key.models,
+            scopes=frozenset(key.scopes),
+        )
+        self._principals[key.id] = (key, principal)
         return principal
 
     async def authenticate(self, authorization: str | None) -> Principal:

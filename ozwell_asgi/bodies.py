@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from starlette.requests import ClientDisconnect, Request
 
+from .context import header
 from .errors import InvalidRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
 
 __all__ = ["read_json_body"]
@@ -19,14 +20,14 @@ async def read_json_body(request: Request, cap: int) -> bytes:
     A declared ``Content-Length`` over the cap is refused before reading; an undeclared one is counted as it
     arrives and refused as soon as it passes the cap, so memory stays bounded.
     """
-    content_type = request.headers.get("content-type")
+    content_type = header(request, b"content-type")
     if content_type is not None:
         media = content_type.partition(";")[0].strip().lower()
         if media != "application/json" and not media.endswith("+json"):
             raise UnsupportedMediaTypeError(
                 f"Invalid Content-Type header ({content_type}): this endpoint expects 'application/json'."
             )
-    declared = request.headers.get("content-length")
+    declared = header(request, b"content-length")
     if declared is not None:
         if not declared.isdigit():
             raise InvalidRequestError("Invalid Content-Length header.")

@@ -14,7 +14,17 @@ from .ratelimit import Plan
 from .tokens import Tokenizer
 from .types import ModelInfo, Principal
 
-__all__ = ["Services", "Settings"]
+__all__ = ["Services", "Settings", "header"]
+
+
+def header(request: Request, name: bytes) -> str | None:
+    """A request header (``name`` lower-case), from the one header dict the app builds per request."""
+    headers: dict[bytes, bytes] | None = request.scope.get("ozwell.headers")
+    if headers is None:
+        value = request.headers.get(name.decode())
+        return value
+    raw = headers.get(name)
+    return None if raw is None else raw.decode("latin-1")
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +52,7 @@ class Services:
 
     async def authenticate(self, request: Request, scope: str) -> Principal:
         """The caller, who must hold ``scope``; raises 401/403 in the contract's envelope."""
-        principal = await self.authenticator.authenticate(request.headers.get("authorization"))
+        principal = await self.authenticator.authenticate(header(request, b"authorization"))
         require_scope(principal, scope)
         return principal
 

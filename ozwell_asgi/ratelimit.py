@@ -14,6 +14,7 @@ Guarantees of :class:`LimitsRateLimiter`:
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -246,6 +247,7 @@ class LimitsRateLimiter:
         self._options: dict[str, Any] = {}
         self._storage_errors: tuple[type[BaseException], ...] = (OSError, TimeoutError)
         self._outage = False
+        self._in_process = self._base_scheme == "memory"
 
     # -- storage plumbing
 
@@ -264,7 +266,10 @@ class LimitsRateLimiter:
 
     async def _incr(self, key: str, expiry: int, amount: int) -> int:
         storage = self._get_storage()
-        with anyio.fail_after(self._timeout):
+        if self._in_process:  # no I/O that could hang: skip the timer (it costs more than the increment)
+            return int(await storage.incr(key, expiry, amount))
+        # limits' async storages and redis-py run on asyncio only, so asyncio's own (cheaper) timeout is enough.
+        async with asyncio.timeout(self._timeout):
             return int(await storage.incr(key, expiry, amount))
 
     async def _peek(self, key: str) -> int | None:

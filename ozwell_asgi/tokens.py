@@ -11,13 +11,17 @@ message has a ``name``, the tokens of its text, and 3 that prime the reply.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Sequence
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import anyio.to_thread
 
-__all__ = ["BPETokenizer", "Tokenizer", "default_tokenizer"]
+if TYPE_CHECKING:
+    from .wire.chat import ChatCompletionRequest
+
+__all__ = ["BPETokenizer", "Tokenizer", "count_chat_prompt", "count_content", "default_tokenizer"]
 
 
 @runtime_checkable
@@ -114,4 +118,28 @@ def count_content(tokenizer: Tokenizer, content: object) -> int:
                 total += tokenizer.count(text)
             elif getattr(part, "type", None) == "image_url":
                 total += IMAGE_TOKENS
+    return total
+
+
+def count_chat_prompt(tokenizer: Tokenizer, request: ChatCompletionRequest) -> int:
+    """OpenAI's documented chat count: 3 per message, 1 per name, the text, 3 to prime the reply; tools as JSON.
+
+    Computed once per request and remembered on it, so the limiter's estimate and the backend share one count.
+    """
+    cached = request._prompt_tokens
+    if cached is not None:
+        return cached
+    total = 3
+    for message in request.messages:
+        fields = message.__dict__  # declared fields only: avoids pydantic's slow attribute fallback
+        total += 3 + count_content(tokenizer, fields.get("content"))
+        if fields.get("name"):
+            total += 1
+        for call in fields.get("tool_calls") or ():
+            function = getattr(call, "function", None)
+            if function is not None:
+                total += tokenizer.count(function.name) + tokenizer.count(function.arguments)
+    if request.tools:
+        total += tokenizer.count(json.dumps([tool.model_dump(exclude_none=True) for tool in request.tools]))
+    request._prompt_tokens = total
     return total

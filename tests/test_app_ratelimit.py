@@ -23,7 +23,7 @@ import pytest
 
 from ozwell_asgi import OzwellAPI
 from ozwell_asgi.app import PrefixedApp
-from ozwell_asgi.backends.echo import count_prompt_tokens
+from ozwell_asgi.tokens import count_chat_prompt
 from ozwell_asgi.context import Settings
 from ozwell_asgi.ratelimit import LimitsRateLimiter
 from ozwell_asgi.stores.redis import RedisKeyStore
@@ -102,7 +102,7 @@ def duration_seconds(text: str) -> float:
 
 def prompt_tokens(api: OzwellAPI, body: dict[str, Any]) -> int:
     """What the app estimates for the prompt of ``body`` (the first part of every reservation)."""
-    return count_prompt_tokens(api.tokenizer, parse_chat_request(json.dumps(body)))
+    return count_chat_prompt(api.tokenizer, parse_chat_request(json.dumps(body)))
 
 
 def check_rate_headers(

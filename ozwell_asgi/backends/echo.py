@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidRequestError
-from ..tokens import Tokenizer, count_content, default_tokenizer
+from ..tokens import Tokenizer, count_chat_prompt, default_tokenizer
 from ..types import (
     AssistantMessage,
     ChatChoice,
@@ -37,7 +37,7 @@ from ..types import (
 if TYPE_CHECKING:
     from ..wire.chat import ChatCompletionRequest
 
-__all__ = ["EchoBackend", "count_prompt_tokens"]
+__all__ = ["EchoBackend"]
 
 _WORD_RE = re.compile(r"\s*\S+|\s+")
 EMBEDDING_DIMENSIONS = 1536
@@ -56,22 +56,6 @@ def _text_of(content: object) -> str:
             if isinstance(text, str):
                 parts.append(text)
     return "".join(parts)
-
-
-def count_prompt_tokens(tokenizer: Tokenizer, request: ChatCompletionRequest) -> int:
-    """OpenAI's documented chat count: 3 per message, 1 per name, the text, 3 to prime the reply; tools as JSON."""
-    total = 3
-    for message in request.messages:
-        total += 3 + count_content(tokenizer, getattr(message, "content", None))
-        if getattr(message, "name", None):
-            total += 1
-        for call in getattr(message, "tool_calls", None) or ():
-            function = getattr(call, "function", None)
-            if function is not None:
-                total += tokenizer.count(function.name) + tokenizer.count(function.arguments)
-    if request.tools:
-        total += tokenizer.count(json.dumps([tool.model_dump(exclude_none=True) for tool in request.tools]))
-    return total
 
 
 def _instance_of(schema: Any, text: str, depth: int = 0) -> Any:
@@ -200,7 +184,7 @@ class EchoBackend:
         return ToolCall(id=f"call_{digest}", name=name, arguments=arguments)
 
     async def chat(self, request: ChatCompletionRequest) -> ChatResult:
-        prompt = count_prompt_tokens(self.tokenizer, request)
+        prompt = count_chat_prompt(self.tokenizer, request)
         forced = self._forced_tool(request)
         choices: list[ChatChoice] = []
         completion = 0
@@ -225,7 +209,7 @@ class EchoBackend:
         return ChatResult(choices=tuple(choices), usage=Usage(prompt, completion), system_fingerprint="fp_ozwell_echo")
 
     async def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatChunk]:
-        prompt = count_prompt_tokens(self.tokenizer, request)
+        prompt = count_chat_prompt(self.tokenizer, request)
         forced = self._forced_tool(request)
         completion = 0
         for index in range(request.n or 1):

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
-import uuid
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
@@ -12,13 +12,13 @@ import anyio
 from pydantic_core import to_json
 from starlette.requests import Request
 
-from ..backends.echo import count_prompt_tokens
 from ..bodies import read_json_body
 from ..context import Services
 from ..errors import OzwellError, as_ozwell_error, error_body
 from ..ratelimit import rate_limit_headers
 from ..responses import JSONResponse
 from ..sse import DONE, SSEResponse, event
+from ..tokens import count_chat_prompt
 from ..types import SCOPE_API, ChatChunk, ChatResult, Reservation, ToolCall, Usage
 from ..wire.chat import ChatCompletionRequest, parse_chat_request
 
@@ -118,14 +118,14 @@ async def create_chat_completion(services: Services, request: Request) -> Any:
     model = chat.model
     await services.find_model(principal, model, "chat")
 
-    prompt_estimate = count_prompt_tokens(services.tokenizer, chat)
+    prompt_estimate = count_chat_prompt(services.tokenizer, chat)
     cap = chat.max_completion_tokens if chat.max_completion_tokens is not None else chat.max_tokens
     completion_reserve = (cap if cap is not None else services.settings.default_completion_reserve) * (chat.n or 1)
     reservation = await services.limiter.reserve(
         principal.key_id, principal.quota, prompt_estimate + completion_reserve
     )
     headers = encode_headers(rate_limit_headers(reservation))
-    completion_id = "chatcmpl-" + uuid.uuid4().hex
+    completion_id = "chatcmpl-" + os.urandom(16).hex()
     created = int(started)
 
     if not chat.stream:
@@ -135,7 +135,10 @@ async def create_chat_completion(services: Services, request: Request) -> Any:
             await _settle(services, reservation, 0)
             raise
         usage = result.usage or _count_usage(services, chat, result, prompt_estimate)
-        await _settle(services, reservation, usage.total_tokens)
+        try:
+            await services.limiter.settle(reservation, usage.total_tokens)
+        except Exception:  # settling must never turn an answer into an error
+            log.exception("rate limiter settle failed")
         return JSONResponse(render_completion(result, completion_id, created, model, usage), headers=headers)
 
     stream = services.backend.chat_stream(chat)

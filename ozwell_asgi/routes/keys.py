@@ -35,7 +35,7 @@ from starlette.requests import Request
 
 from ..auth import KNOWN_SCOPES
 from ..bodies import read_json_body
-from ..context import Services
+from ..context import Services, header
 from ..errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from ..ratelimit import rate_limit_headers
 from ..responses import JSONResponse
@@ -102,7 +102,7 @@ def _is_global(principal: Principal) -> bool:
 
 async def _admin(services: Services, request: Request) -> tuple[Principal, Headers]:
     """The caller, who must hold ``admin`` or ``admin:global``; one request, no tokens, taken on its limit."""
-    principal = await services.authenticator.authenticate(request.headers.get("authorization"))
+    principal = await services.authenticator.authenticate(header(request, b"authorization"))
     if SCOPE_ADMIN not in principal.scopes and not _is_global(principal):
         raise PermissionDeniedError(
             f"This API key does not have the '{SCOPE_ADMIN}' scope this endpoint requires.",
