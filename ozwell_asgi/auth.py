@@ -9,6 +9,7 @@ by that digest (the final comparison is constant-time as well). The server secre
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import hmac
 import re
 import secrets
@@ -39,18 +40,29 @@ def looks_like_key(candidate: str) -> bool:
 
 
 class KeyHasher:
-    """HMAC-SHA256 of keys under the server secret. The secret must be at least 16 bytes."""
+    """HMAC-SHA256 (RFC 2104) of keys under the server secret, which must be at least 16 bytes.
 
-    __slots__ = ("_secret",)
+    The padded inner and outer hash states are computed once, so a key costs two SHA-256 state copies.
+    """
+
+    __slots__ = ("_inner", "_outer")
 
     def __init__(self, secret: str | bytes) -> None:
         raw = secret.encode() if isinstance(secret, str) else bytes(secret)
         if len(raw) < 16:
             raise ValueError("the key-hashing secret must be at least 16 bytes long")
-        self._secret = raw
+        if len(raw) > 64:  # longer than SHA-256's block: RFC 2104 hashes it first
+            raw = hashlib.sha256(raw).digest()
+        raw = raw.ljust(64, b"\x00")
+        self._inner = hashlib.sha256(bytes(b ^ 0x36 for b in raw))
+        self._outer = hashlib.sha256(bytes(b ^ 0x5C for b in raw))
 
     def hash(self, key: str) -> str:
-        return hmac.digest(self._secret, key.encode(), "sha256").hex()
+        inner = self._inner.copy()
+        inner.update(key.encode())
+        outer = self._outer.copy()
+        outer.update(inner.digest())
+        return outer.hexdigest()
 
 
 def model_allowed(patterns: tuple[str, ...] | None, model: str) -> bool:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from starlette.requests import ClientDisconnect, Request
+from starlette.requests import Request
 
 from .context import header
 from .errors import InvalidRequestError, PayloadTooLargeError, UnsupportedMediaTypeError
@@ -35,12 +35,17 @@ async def read_json_body(request: Request, cap: int) -> bytes:
             raise _too_large(cap)
     chunks: list[bytes] = []
     size = 0
-    try:
-        async for chunk in request.stream():
+    receive = request.receive
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # http.disconnect
+            raise InvalidRequestError("The client disconnected before sending the whole request body.")
+        chunk: bytes = message.get("body", b"")
+        if chunk:
             size += len(chunk)
             if size > cap:
                 raise _too_large(cap)
             chunks.append(chunk)
-    except ClientDisconnect:
-        raise InvalidRequestError("The client disconnected before sending the whole request body.") from None
+        if not message.get("more_body", False):
+            break
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)

@@ -154,6 +154,27 @@ def rate_limit_headers(res: Reservation, now: float | None = None) -> list[tuple
     return headers
 
 
+_NAME_BYTES = {
+    name: name.lower().encode("ascii")
+    for name in (
+        "x-ratelimit-limit-requests",
+        "x-ratelimit-remaining-requests",
+        "x-ratelimit-reset-requests",
+        "x-ratelimit-limit-tokens",
+        "x-ratelimit-remaining-tokens",
+        "x-ratelimit-reset-tokens",
+        "X-RateLimit-Limit",
+        "X-RateLimit-Remaining",
+        "X-RateLimit-Reset",
+    )
+}
+
+
+def rate_limit_header_bytes(res: Reservation, now: float | None = None) -> list[tuple[bytes, bytes]]:
+    """:func:`rate_limit_headers` as ASGI header pairs (lower-case names), for the response path."""
+    return [(_NAME_BYTES[name], value.encode("ascii")) for name, value in rate_limit_headers(res, now)]
+
+
 # ------------------------------------------------------------------------------------------------------- limiter
 
 _REDIS_SCHEMES = frozenset({"redis", "rediss", "redis+unix"})

@@ -126,9 +126,10 @@ def count_chat_prompt(tokenizer: Tokenizer, request: ChatCompletionRequest) -> i
 
     Computed once per request and remembered on it, so the limiter's estimate and the backend share one count.
     """
-    cached = request._prompt_tokens
+    private = request.__pydantic_private__  # direct: pydantic's attribute hooks cost more than the count
+    cached = private.get("_prompt_tokens") if private is not None else None
     if cached is not None:
-        return cached
+        return int(cached)
     total = 3
     for message in request.messages:
         fields = message.__dict__  # declared fields only: avoids pydantic's slow attribute fallback
@@ -141,5 +142,6 @@ def count_chat_prompt(tokenizer: Tokenizer, request: ChatCompletionRequest) -> i
                 total += tokenizer.count(function.name) + tokenizer.count(function.arguments)
     if request.tools:
         total += tokenizer.count(json.dumps([tool.model_dump(exclude_none=True) for tool in request.tools]))
-    request._prompt_tokens = total
+    if private is not None:
+        private["_prompt_tokens"] = total
     return total

@@ -192,3 +192,14 @@ async def test_models_list_and_retrieve(api_and_key: tuple[OzwellAPI, str]) -> N
         assert model["id"] == "echo" and model["object"] == "model"
         response = await http.get("/models/org/some-model", headers=headers)
         assert response.status_code == 404 and response.json()["error"]["code"] == "model_not_found"
+
+
+def test_key_hasher_is_hmac_sha256() -> None:
+    import hashlib
+    import hmac
+
+    from ozwell_asgi.auth import KeyHasher
+
+    for secret in (b"s" * 16, b"x" * 64, b"long" * 40):
+        key = "ozw_" + "k" * 43
+        assert KeyHasher(secret).hash(key) == hmac.new(secret, key.encode(), hashlib.sha256).hexdigest()

@@ -15,7 +15,7 @@ from starlette.requests import Request
 from ..bodies import read_json_body
 from ..context import Services
 from ..errors import OzwellError, as_ozwell_error, error_body
-from ..ratelimit import rate_limit_headers
+from ..ratelimit import rate_limit_header_bytes
 from ..responses import JSONResponse
 from ..sse import DONE, SSEResponse, event
 from ..tokens import count_chat_prompt
@@ -124,7 +124,7 @@ async def create_chat_completion(services: Services, request: Request) -> Any:
     reservation = await services.limiter.reserve(
         principal.key_id, principal.quota, prompt_estimate + completion_reserve
     )
-    headers = encode_headers(rate_limit_headers(reservation))
+    headers = rate_limit_header_bytes(reservation)
     completion_id = "chatcmpl-" + os.urandom(16).hex()
     created = int(started)
 

@@ -37,11 +37,10 @@ from ..auth import KNOWN_SCOPES
 from ..bodies import read_json_body
 from ..context import Services, header
 from ..errors import InvalidRequestError, NotFoundError, PermissionDeniedError
-from ..ratelimit import rate_limit_headers
+from ..ratelimit import rate_limit_header_bytes
 from ..responses import JSONResponse
 from ..types import DEFAULT_SCOPES, SCOPE_ADMIN, SCOPE_ADMIN_GLOBAL, SCOPE_API, APIKey, Principal
 from ..wire.keys import parse_create_key_request
-from .chat import encode_headers
 
 __all__ = [
     "create_key",
@@ -109,7 +108,7 @@ async def _admin(services: Services, request: Request) -> tuple[Principal, Heade
         )
     reservation = await services.limiter.reserve(principal.key_id, principal.quota, 0)
     await services.limiter.settle(reservation, 0)
-    return principal, encode_headers(rate_limit_headers(reservation))
+    return principal, rate_limit_header_bytes(reservation)
 
 
 def _not_found(key_id: str) -> NotFoundError:

@@ -9,10 +9,9 @@ from starlette.requests import Request
 from ..auth import model_allowed
 from ..context import Services
 from ..errors import NotFoundError
-from ..ratelimit import rate_limit_headers
+from ..ratelimit import rate_limit_header_bytes
 from ..responses import JSONResponse
 from ..types import SCOPE_API, ModelInfo
-from .chat import encode_headers
 
 __all__ = ["list_models", "retrieve_model"]
 
@@ -26,7 +25,7 @@ async def list_models(services: Services, request: Request) -> JSONResponse:
     reservation = await services.limiter.reserve(principal.key_id, principal.quota, 0)
     models = [_model_dict(m) for m in await services.backend.list_models() if model_allowed(principal.models, m.id)]
     await services.limiter.settle(reservation, 0)
-    return JSONResponse({"object": "list", "data": models}, headers=encode_headers(rate_limit_headers(reservation)))
+    return JSONResponse({"object": "list", "data": models}, headers=rate_limit_header_bytes(reservation))
 
 
 async def retrieve_model(services: Services, request: Request) -> JSONResponse:
@@ -37,7 +36,7 @@ async def retrieve_model(services: Services, request: Request) -> JSONResponse:
     if model_allowed(principal.models, model_id):
         for info in await services.backend.list_models():
             if info.id == model_id:
-                return JSONResponse(_model_dict(info), headers=encode_headers(rate_limit_headers(reservation)))
+                return JSONResponse(_model_dict(info), headers=rate_limit_header_bytes(reservation))
     raise NotFoundError(
         f"The model '{model_id}' does not exist or you do not have access to it.", param="model", code="model_not_found"
     )
