@@ -115,7 +115,7 @@ class Servers:
 
     def bare(self, key: str) -> int:
         port = free_port()
-        # The same uvicorn settings `ozwell-asgi serve` uses by default (ozwell_asgi/cli.py): log level info, access log on.
+        # The uvicorn settings `ozwell-asgi serve` uses by default (ozwell_asgi/cli.py): log level info, access log.
         cmd = [sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--port", str(port), "--log-level", "info"]
         self.start(cmd, port, {**self.env, "BENCH_KEY": key})
         return port

@@ -23,10 +23,10 @@ import pytest
 
 from ozwell_asgi import OzwellAPI
 from ozwell_asgi.app import PrefixedApp
-from ozwell_asgi.tokens import count_chat_prompt
 from ozwell_asgi.context import Settings
 from ozwell_asgi.ratelimit import LimitsRateLimiter
 from ozwell_asgi.stores.redis import RedisKeyStore
+from ozwell_asgi.tokens import count_chat_prompt
 from ozwell_asgi.types import (
     AssistantMessage,
     ChatChoice,
