@@ -16,6 +16,7 @@ import re
 import secrets
 import time
 from collections.abc import Mapping
+from types import MappingProxyType
 from typing import Any
 
 from starlette.convertors import Convertor
@@ -146,6 +147,9 @@ class OzwellAPI:
         settings: Settings | None = None,
         tokenizer: Tokenizer | None = None,
     ) -> None:
+        if on_limiter_error not in ("closed", "open"):
+            raise ValueError("on_limiter_error must be 'closed' or 'open'")
+        plans = MappingProxyType(dict(plans))  # a snapshot: configuration is read once, here
         self._owned: list[Any] = []
         if isinstance(key_store, str):
             url = key_store
@@ -158,8 +162,6 @@ class OzwellAPI:
         if secret is None:
             raise ValueError("a secret is required to hash API keys (pass secret=...)")
         if isinstance(rate_limiter, str):
-            if on_limiter_error not in ("closed", "open"):
-                raise ValueError("on_limiter_error must be 'closed' or 'open'")
             rate_limiter = LimitsRateLimiter(rate_limiter, on_storage_error=on_limiter_error)  # type: ignore[arg-type]
             self._owned.append(rate_limiter)
         hasher = KeyHasher(secret)

@@ -147,14 +147,14 @@ def _create_secret_file(path: Path) -> bool:
 
 
 def resolve_secret(secret_file: str | None = None, *, create: bool) -> str:
-    """The key-hashing secret: ``OZWELL_SECRET`` if set, else the secret file's contents.
+    """The key-hashing secret: ``--secret-file`` if given, else ``OZWELL_SECRET`` if set, else a secret file's.
 
     The file is ``secret_file``, else ``OZWELL_SECRET_FILE``, else ``./ozwell.secret``. When it does not exist and
     ``create`` is true, a new one is made (32 random bytes as hex, mode 0600) and a note goes to stderr; otherwise
     that is an error. Raises :class:`CLIError`.
     """
     env_secret = os.environ.get(ENV_SECRET)
-    if env_secret:
+    if env_secret and not secret_file:  # an explicit --secret-file wins, like every other flag
         return _secret_from_text(env_secret, ENV_SECRET)
     path = Path(secret_file or _env(ENV_SECRET_FILE) or DEFAULT_SECRET_FILE)
     if not path.exists():

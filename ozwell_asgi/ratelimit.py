@@ -377,7 +377,7 @@ class LimitsRateLimiter:
                         await self._undo(req_key, expiry, 1)
                     raise
                 self._storage_ok()
-                if tok_count > tpm:
+                if tok_count > tpm and tokens > 0:  # a request that takes no tokens is never refused on them
                     await self._undo(tok_key, expiry, tokens)
                     tok_count -= tokens
                     if req_count is not None:

@@ -323,6 +323,19 @@ def test_secret_file_from_env_and_flag(
     capsys.readouterr()
 
 
+def test_secret_file_flag_wins_over_env_secret(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    store = f"sqlite:///{tmp_path / 'k.db'}"
+    monkeypatch.setenv("OZWELL_SECRET", "an environment secret, long enough")
+    secret_file = tmp_path / "flag.secret"
+    assert main(["keys", "create", "--name", "f", "--store", store, "--secret-file", str(secret_file)]) == 0
+    key = capsys.readouterr().out.splitlines()[-1]
+    file_secret = secret_file.read_text().strip()
+    assert models_status(store, file_secret, key) == 200
+    assert models_status(store, "an environment secret, long enough", key) == 401
+
+
 def test_rotate_never_creates_the_secret_file(cli: CLI, tmp_path: Path) -> None:
     key_id, _, _ = cli.create()
     missing = tmp_path / "missing.secret"

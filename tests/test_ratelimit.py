@@ -230,6 +230,19 @@ async def test_settle_refund_and_overage(make_limiter: MakeLimiter) -> None:
 
 
 @pytest.mark.anyio
+async def test_zero_token_request_passes_an_overspent_token_budget(make_limiter: MakeLimiter) -> None:
+    limiter = make_limiter(clock=FakeClock())
+    quota = Quota(rpm=100, tpm=1000)
+    res = await limiter.reserve("k", quota, 900)
+    await limiter.settle(res, 1200)  # the answer ran 300 tokens over the whole budget
+    probe = await limiter.reserve("k", quota, 0)  # e.g. GET /models: costs a request, no tokens
+    assert probe.tokens is not None and probe.tokens.remaining == -200  # the header shows 0
+    assert probe.requests is not None and probe.requests.remaining == 98
+    with pytest.raises(RateLimitError):
+        await limiter.reserve("k", quota, 1)
+
+
+@pytest.mark.anyio
 async def test_late_refund_never_credits_the_next_window(make_limiter: MakeLimiter) -> None:
     clock = FakeClock()
     limiter = make_limiter(clock=clock)
