@@ -184,6 +184,35 @@ _EXPIRY_GRACE_SECONDS = 5
 _REDIS_MAX_CONNECTIONS = 50
 
 
+# One round trip for a whole reservation on Redis (what limits' per-key INCRBY script would need two or three for):
+# take a request, then the tokens; undo and refuse if either is over. Atomic, so also never a transient over-count.
+# KEYS: request counter, token counter. ARGV: expiry, rpm, tpm (-1 = unlimited), tokens.
+# Returns {admitted 1|0, request count, token count} (the counts as they stand afterwards; -1 = not counted).
+_RESERVE_LUA = """
+local expiry, rpm, tpm, tokens = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local req, tok = -1, -1
+if rpm >= 0 then
+  req = redis.call('incrby', KEYS[1], 1)
+  if req == 1 then redis.call('expire', KEYS[1], expiry) end
+  if req > rpm then
+    redis.call('incrby', KEYS[1], -1)
+    if tpm >= 0 then tok = tonumber(redis.call('get', KEYS[2]) or '0') end
+    return {0, req - 1, tok}
+  end
+end
+if tpm >= 0 then
+  tok = redis.call('incrby', KEYS[2], tokens)
+  if tok == tokens then redis.call('expire', KEYS[2], expiry) end
+  if tok > tpm and tokens > 0 then
+    redis.call('incrby', KEYS[2], -tokens)
+    if rpm >= 0 then req = redis.call('incrby', KEYS[1], -1) end
+    return {0, req, tok - tokens}
+  end
+end
+return {1, req, tok}
+"""
+
+
 def _storage_config(storage_url: str) -> tuple[str, str]:
     """The ``limits`` async URL for ``storage_url`` (``memory://``, ``redis://``...) and its base scheme."""
     scheme = urllib.parse.urlsplit(storage_url).scheme.lower()
@@ -269,6 +298,8 @@ class LimitsRateLimiter:
         self._storage_errors: tuple[type[BaseException], ...] = (OSError, TimeoutError)
         self._outage = False
         self._in_process = self._base_scheme == "memory"
+        self._reserve_script: Any = None  # the one-round-trip reservation, on plain Redis (see _RESERVE_LUA)
+        self._prefixed: Callable[[str], str] = str
 
     # -- storage plumbing
 
@@ -282,6 +313,11 @@ class LimitsRateLimiter:
             base = storage.base_exceptions
             base_tuple = base if isinstance(base, tuple) else (base,)
             self._storage_errors = (OSError, TimeoutError, StorageError, *base_tuple)
+            bridge: Any = getattr(storage, "bridge", None)
+            if self._base_scheme in _REDIS_SCHEMES and hasattr(bridge, "get_connection"):
+                # Same keys as limits' own calls (its prefix included), so settle's incr and this script agree.
+                self._reserve_script = bridge.get_connection().register_script(_RESERVE_LUA)
+                self._prefixed = bridge.prefixed_key
             self._storage = storage
         return self._storage
 
@@ -338,7 +374,8 @@ class LimitsRateLimiter:
         Raises ``RateLimitError`` (429, ``rate_limit_exceeded``, with ``Retry-After``) when a budget is spent;
         ``RateLimitError`` with code ``request_too_large`` and ``x-should-retry: false`` when ``tokens`` exceeds the
         whole token budget (nothing is counted); ``ServiceUnavailableError`` on a storage outage when failing closed.
-        Two storage round trips when both budgets are limited, one when one is, none when neither is.
+        On Redis one round trip (an atomic script over the same keys); on other storages two increments when both
+        budgets are limited, one when one is; none when neither is.
         """
         tokens = max(int(tokens), 0)
         rpm, tpm = quota.rpm, quota.tpm
@@ -359,6 +396,9 @@ class LimitsRateLimiter:
         tok_key = self._key("tok", window, subject)
         req_count: int | None = None
         tok_count: int | None = None
+        self._get_storage()
+        if self._reserve_script is not None:
+            return await self._reserve_in_one_trip(subject, tokens, now, window, reset_at, expiry, rpm, tpm)
         try:
             if rpm is not None:
                 req_count = await self._incr(req_key, expiry, 1)
@@ -391,6 +431,42 @@ class LimitsRateLimiter:
             raise ServiceUnavailableError(
                 "Rate limiting is temporarily unavailable.", code="rate_limiter_unavailable"
             ) from None
+        return Reservation(
+            subject=subject,
+            tokens_reserved=tokens,
+            window=window,
+            requests=None if rpm is None else RateLimitWindow(rpm, rpm - cast(int, req_count), reset_at),
+            tokens=None if tpm is None else RateLimitWindow(tpm, tpm - cast(int, tok_count), reset_at),
+        )
+
+    async def _reserve_in_one_trip(
+        self,
+        subject: str,
+        tokens: int,
+        now: float,
+        window: int,
+        reset_at: float,
+        expiry: int,
+        rpm: int | None,
+        tpm: int | None,
+    ) -> Reservation:
+        keys = [self._prefixed(self._key("req", window, subject)), self._prefixed(self._key("tok", window, subject))]
+        args = [expiry, -1 if rpm is None else rpm, -1 if tpm is None else tpm, tokens]
+        try:
+            async with asyncio.timeout(self._timeout):
+                admitted, req_raw, tok_raw = await self._reserve_script(keys=keys, args=args)
+        except self._storage_errors as exc:
+            self._storage_failed(exc)
+            if self._fail_open:
+                return Reservation(subject=subject, tokens_reserved=tokens, window=window, degraded=True)
+            raise ServiceUnavailableError(
+                "Rate limiting is temporarily unavailable.", code="rate_limiter_unavailable"
+            ) from None
+        self._storage_ok()
+        req_count = None if rpm is None else int(req_raw)
+        tok_count = None if tpm is None or int(tok_raw) < 0 else int(tok_raw)
+        if not int(admitted):
+            raise self._exceeded(now, reset_at, rpm, req_count, tpm, tok_count)
         return Reservation(
             subject=subject,
             tokens_reserved=tokens,

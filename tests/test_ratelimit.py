@@ -343,6 +343,32 @@ async def test_two_limiters_share_one_redis_exactly(redis_url: str, redis_prefix
         await b.aclose()
 
 
+@pytest.mark.slow
+@pytest.mark.anyio
+async def test_redis_reserves_in_one_round_trip() -> None:
+    """On Redis a reservation is one script call; on a private server the command counts are exact."""
+    import redis as redis_sync
+
+    with running_private_redis() as server:
+        limiter = LimitsRateLimiter(server.url, namespace="one-trip")
+        client = redis_sync.Redis.from_url(server.url)
+        try:
+            await limiter.reserve("warm", Quota(rpm=10, tpm=1000), 1)  # loads the script
+
+            def commands() -> int:  # script calls: limits' own increments are scripts too, one per counter
+                stats = client.info("commandstats")
+                return sum(int(stats.get(name, {}).get("calls", 0)) for name in ("cmdstat_evalsha", "cmdstat_eval"))
+
+            before = commands()
+            reservation = await limiter.reserve("k", Quota(rpm=10, tpm=1000), 5)
+            assert commands() - before == 1
+            assert reservation.requests is not None and reservation.requests.remaining == 9
+            assert reservation.tokens is not None and reservation.tokens.remaining == 995
+        finally:
+            client.close()
+            await limiter.aclose()
+
+
 @pytest.mark.anyio
 async def test_keys_are_namespaced_and_expire(redis_url: str, redis_prefix: str) -> None:
     import redis.asyncio as aredis
