@@ -110,7 +110,7 @@ class MethodNotAllowedError(OzwellError):
 class PayloadTooLargeError(OzwellError):
     status = 413
     type = "invalid_request_error"
-    code = "request_too_large"
+    code = "payload_too_large"
 
 
 class UnsupportedMediaTypeError(OzwellError):

@@ -380,12 +380,7 @@ class LimitsRateLimiter:
         tokens = max(int(tokens), 0)
         rpm, tpm = quota.rpm, quota.tpm
         if tpm is not None and tokens > tpm:
-            raise RateLimitError(
-                f"Request too large: it needs {tokens} tokens but this key's limit is {tpm} tokens per minute."
-                " Reduce the prompt or max_tokens.",
-                code="request_too_large",
-                headers=[("x-should-retry", "false")],
-            )
+            raise await self._too_large(subject, rpm, tpm, tokens)
         now = self._clock()
         window = int(now // self._window)
         if rpm is None and tpm is None:
@@ -473,6 +468,28 @@ class LimitsRateLimiter:
             window=window,
             requests=None if rpm is None else RateLimitWindow(rpm, rpm - cast(int, req_count), reset_at),
             tokens=None if tpm is None else RateLimitWindow(tpm, tpm - cast(int, tok_count), reset_at),
+        )
+
+    async def _too_large(self, subject: str, rpm: int | None, tpm: int, tokens: int) -> RateLimitError:
+        """The error for a request that no window could ever admit; counts nothing, but reads the counters (best
+        effort) so that this 429 carries the rate-limit headers too."""
+        now = self._clock()
+        window = int(now // self._window)
+        reset_at = float((window + 1) * self._window)
+        req_count = None if rpm is None else await self._peek(self._key("req", window, subject))
+        tok_count = await self._peek(self._key("tok", window, subject))
+        state = Reservation(
+            subject=subject,
+            tokens_reserved=0,
+            window=window,
+            requests=None if rpm is None or req_count is None else RateLimitWindow(rpm, rpm - req_count, reset_at),
+            tokens=None if tok_count is None else RateLimitWindow(tpm, tpm - tok_count, reset_at),
+        )
+        return RateLimitError(
+            f"Request too large: it needs {tokens} tokens but this key's limit is {tpm} tokens per minute."
+            " Reduce the prompt or max_tokens.",
+            code="request_too_large",
+            headers=[("x-should-retry", "false"), *rate_limit_headers(state, now)],
         )
 
     @staticmethod

@@ -147,7 +147,7 @@ async def test_body_errors(api_and_key: tuple[OzwellAPI, str]) -> None:
 
         big = {"model": "echo", "messages": [{"role": "user", "content": "x" * 5000}]}
         response = await http.post("/chat/completions", json=big, headers=auth)
-        assert response.status_code == 413 and envelope(response)["code"] == "request_too_large"
+        assert response.status_code == 413 and envelope(response)["code"] == "payload_too_large"
 
         async def chunked() -> Any:
             for _ in range(10):

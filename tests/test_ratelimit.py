@@ -173,6 +173,9 @@ async def test_request_larger_than_tpm_is_never_retryable(make_limiter: MakeLimi
     assert "1000" in exc.message
     assert header(exc, "x-should-retry") == "false"
     assert header(exc, "Retry-After") is None
+    assert header(exc, "x-ratelimit-limit-tokens") == "1000"
+    assert header(exc, "x-ratelimit-remaining-tokens") == "1000"
+    assert header(exc, "x-ratelimit-remaining-requests") == "10"
     # Nothing was counted.
     res = await limiter.reserve("k", quota, 1000)
     assert res.requests is not None
