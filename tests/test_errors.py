@@ -170,6 +170,14 @@ async def test_body_errors(api_and_key: tuple[OzwellAPI, str]) -> None:
         response = await http.post("/chat/completions", json=GOOD | {"temperature": 9}, headers=auth)
         assert response.status_code == 400 and envelope(response)["param"] == "temperature"
 
+        response = await http.post(
+            "/chat/completions", json=GOOD | {"stream_options": {"include_usage": True}}, headers=auth
+        )
+        assert response.status_code == 400 and envelope(response)["param"] == "stream_options"
+
+        response = await http.post("/chat/completions", json=GOOD | {"top_logprobs": 2}, headers=auth)
+        assert response.status_code == 400 and envelope(response)["param"] == "top_logprobs"
+
 
 async def test_request_id_is_echoed(api_and_key: tuple[OzwellAPI, str]) -> None:
     api, key = api_and_key

@@ -14,7 +14,7 @@ from starlette.requests import Request
 
 from ..bodies import read_json_body
 from ..context import Services
-from ..errors import OzwellError, as_ozwell_error, error_body
+from ..errors import InvalidRequestError, OzwellError, as_ozwell_error, error_body
 from ..ratelimit import rate_limit_header_bytes
 from ..responses import JSONResponse
 from ..sse import DONE, SSEResponse, event
@@ -115,6 +115,7 @@ async def create_chat_completion(services: Services, request: Request) -> Any:
     principal = await services.authenticate(request, SCOPE_API)
     body = await read_json_body(request, services.settings.max_body_size)
     chat = parse_chat_request(body)
+    _check_combinations(chat)
     model = chat.model
     await services.find_model(principal, model, "chat")
 
@@ -152,6 +153,20 @@ async def create_chat_completion(services: Services, request: Request) -> Any:
         raise
     frames = _frames(services, chat, stream, first, reservation, completion_id, created, prompt_estimate)
     return SSEResponse(frames, headers)
+
+
+def _check_combinations(chat: ChatCompletionRequest) -> None:
+    """Rules across fields that OpenAI enforces and a schema cannot say."""
+    if chat.stream_options is not None and not chat.stream:
+        raise InvalidRequestError(
+            "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+            param="stream_options",
+            code="invalid_value",
+        )
+    if chat.top_logprobs is not None and not chat.logprobs:
+        raise InvalidRequestError(
+            "Using 'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs", code="invalid_value"
+        )
 
 
 def _count_usage(services: Services, chat: ChatCompletionRequest, result: ChatResult, prompt: int) -> Usage:
