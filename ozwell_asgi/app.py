@@ -115,10 +115,11 @@ class PrefixedApp:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):
             path: str = scope["path"]
+            # The server made this scope for this request alone: set the prefix in place, as Starlette's Mount does.
             if path == self.prefix or path.startswith(self.prefix + "/"):
-                scope = {**scope, "root_path": scope.get("root_path", "") + self.prefix}
+                scope["root_path"] = scope.get("root_path", "") + self.prefix
             else:
-                scope = {**scope, "root_path": scope.get("root_path", ""), "ozwell.outside_prefix": True}
+                scope["ozwell.outside_prefix"] = True
         await self.api(scope, receive, send)
 
 
@@ -254,7 +255,7 @@ class OzwellAPI:
                     *message["headers"],
                     (b"x-request-id", request_id),
                     (b"openai-processing-ms", elapsed),
-                ]
+                ]  # a new list: the response may reuse its own
             await send(message)
 
         try:

@@ -178,6 +178,9 @@ async def test_body_errors(api_and_key: tuple[OzwellAPI, str]) -> None:
         response = await http.post("/chat/completions", json=GOOD | {"top_logprobs": 2}, headers=auth)
         assert response.status_code == 400 and envelope(response)["param"] == "top_logprobs"
 
+        response = await http.post("/chat/completions", json=GOOD | {"tool_choice": "required"}, headers=auth)
+        assert response.status_code == 400 and envelope(response)["param"] == "tool_choice"
+
 
 async def test_request_id_is_echoed(api_and_key: tuple[OzwellAPI, str]) -> None:
     api, key = api_and_key

@@ -110,8 +110,10 @@ class EchoBackend:
     # -- chat -------------------------------------------------------------------------------------------------
 
     def _forced_tool(self, request: ChatCompletionRequest) -> tuple[str, dict[str, Any]] | None:
-        tools = request.tools or []
+        tools = request.tools
         choice = request.tool_choice
+        if not tools:
+            return None
         functions: dict[str, dict[str, Any]] = {}
         for tool in tools:
             function = getattr(tool, "function", None)

@@ -163,6 +163,12 @@ def _check_combinations(chat: ChatCompletionRequest) -> None:
             param="stream_options",
             code="invalid_value",
         )
+    if chat.tool_choice is not None and not chat.tools:
+        raise InvalidRequestError(
+            "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
+            param="tool_choice",
+            code="invalid_value",
+        )
     if chat.top_logprobs is not None and not chat.logprobs:
         raise InvalidRequestError(
             "Using 'top_logprobs' requires 'logprobs' to be true.", param="top_logprobs", code="invalid_value"
