@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from starlette.requests import Request
 
-from .auth import Authenticator, KeyManager, require_scope
+from .auth import Authenticator, KeyManager, model_allowed, require_scope
 from .errors import NotFoundError, PermissionDeniedError
 from .protocols import ModelBackend, RateLimiter
 from .ratelimit import Plan
@@ -58,8 +58,6 @@ class Services:
 
     async def find_model(self, principal: Principal, model: str, kind: str) -> ModelInfo:
         """The backend's model ``model``, if ``principal`` may use it: 403 if the key excludes it, 404 if unknown."""
-        from .auth import model_allowed
-
         if not model_allowed(principal.models, model):
             raise PermissionDeniedError(f"This API key is not allowed to use the model `{model}`.", param="model")
         for info in await self.backend.list_models():

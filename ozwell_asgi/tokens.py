@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Sequence
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import anyio.to_thread
@@ -100,6 +101,8 @@ def default_tokenizer() -> BPETokenizer:
     return _default
 
 
+_last_prompt: ContextVar[tuple[object, int] | None] = ContextVar("ozwell_last_prompt", default=None)
+
 # Fixed cost OpenAI charges for a low-detail image; we count every image part at this rate.
 IMAGE_TOKENS = 85
 
@@ -124,12 +127,12 @@ def count_content(tokenizer: Tokenizer, content: object) -> int:
 def count_chat_prompt(tokenizer: Tokenizer, request: ChatCompletionRequest) -> int:
     """OpenAI's documented chat count: 3 per message, 1 per name, the text, 3 to prime the reply; tools as JSON.
 
-    Computed once per request and remembered on it, so the limiter's estimate and the backend share one count.
+    Remembered for the request being served (a context variable: one per task), so the limiter's estimate and the
+    backend share one count.
     """
-    private = request.__pydantic_private__  # direct: pydantic's attribute hooks cost more than the count
-    cached = private.get("_prompt_tokens") if private is not None else None
-    if cached is not None:
-        return int(cached)
+    last = _last_prompt.get()
+    if last is not None and last[0] is request:
+        return last[1]
     total = 3
     for message in request.messages:
         fields = message.__dict__  # declared fields only: avoids pydantic's slow attribute fallback
@@ -142,6 +145,5 @@ def count_chat_prompt(tokenizer: Tokenizer, request: ChatCompletionRequest) -> i
                 total += tokenizer.count(function.name) + tokenizer.count(function.arguments)
     if request.tools:
         total += tokenizer.count(json.dumps([tool.model_dump(exclude_none=True) for tool in request.tools]))
-    if private is not None:
-        private["_prompt_tokens"] = total
+    _last_prompt.set((request, total))
     return total

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import os
+import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
@@ -126,7 +126,7 @@ async def create_chat_completion(services: Services, request: Request) -> Any:
         principal.key_id, principal.quota, prompt_estimate + completion_reserve
     )
     headers = rate_limit_header_bytes(reservation)
-    completion_id = "chatcmpl-" + os.urandom(16).hex()
+    completion_id = f"chatcmpl-{random.getrandbits(128):032x}"  # unique, not secret
     created = int(started)
 
     if not chat.stream:

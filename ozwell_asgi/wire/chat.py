@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field
 
 from ._errors import parse_json_body
 
@@ -409,8 +409,6 @@ class ChatCompletionRequest(_Wire):
 
     model: str
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
-    # The prompt's token count, once computed (tokens.count_chat_prompt): the limiter and the backend share it.
-    _prompt_tokens: int | None = PrivateAttr(default=None)
 
     # sampling
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
