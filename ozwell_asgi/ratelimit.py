@@ -213,6 +213,25 @@ return {1, req, tok}
 """
 
 
+def _admitted(
+    subject: str,
+    tokens: int,
+    window: int,
+    reset_at: float,
+    rpm: int | None,
+    req_count: int | None,
+    tpm: int | None,
+    tok_count: int | None,
+) -> Reservation:
+    return Reservation(
+        subject=subject,
+        tokens_reserved=tokens,
+        window=window,
+        requests=None if rpm is None else RateLimitWindow(rpm, rpm - cast(int, req_count), reset_at),
+        tokens=None if tpm is None else RateLimitWindow(tpm, tpm - cast(int, tok_count), reset_at),
+    )
+
+
 def _storage_config(storage_url: str) -> tuple[str, str]:
     """The ``limits`` async URL for ``storage_url`` (``memory://``, ``redis://``...) and its base scheme."""
     scheme = urllib.parse.urlsplit(storage_url).scheme.lower()
@@ -420,19 +439,17 @@ class LimitsRateLimiter:
                         req_count -= 1
                     raise self._exceeded(now, reset_at, rpm, req_count, tpm, tok_count)
         except self._storage_errors as exc:
-            self._storage_failed(exc)
-            if self._fail_open:
-                return Reservation(subject=subject, tokens_reserved=tokens, window=window, degraded=True)
-            raise ServiceUnavailableError(
-                "Rate limiting is temporarily unavailable.", code="rate_limiter_unavailable"
-            ) from None
-        return Reservation(
-            subject=subject,
-            tokens_reserved=tokens,
-            window=window,
-            requests=None if rpm is None else RateLimitWindow(rpm, rpm - cast(int, req_count), reset_at),
-            tokens=None if tpm is None else RateLimitWindow(tpm, tpm - cast(int, tok_count), reset_at),
-        )
+            return self._outage_reservation(exc, subject, tokens, window)
+        return _admitted(subject, tokens, window, reset_at, rpm, req_count, tpm, tok_count)
+
+    def _outage_reservation(self, exc: BaseException, subject: str, tokens: int, window: int) -> Reservation:
+        """The policy for an unreachable storage: a degraded reservation (fail open), or 503 (fail closed)."""
+        self._storage_failed(exc)
+        if self._fail_open:
+            return Reservation(subject=subject, tokens_reserved=tokens, window=window, degraded=True)
+        raise ServiceUnavailableError(
+            "Rate limiting is temporarily unavailable.", code="rate_limiter_unavailable"
+        ) from None
 
     async def _reserve_in_one_trip(
         self,
@@ -451,24 +468,13 @@ class LimitsRateLimiter:
             async with asyncio.timeout(self._timeout):
                 admitted, req_raw, tok_raw = await self._reserve_script(keys=keys, args=args)
         except self._storage_errors as exc:
-            self._storage_failed(exc)
-            if self._fail_open:
-                return Reservation(subject=subject, tokens_reserved=tokens, window=window, degraded=True)
-            raise ServiceUnavailableError(
-                "Rate limiting is temporarily unavailable.", code="rate_limiter_unavailable"
-            ) from None
+            return self._outage_reservation(exc, subject, tokens, window)
         self._storage_ok()
         req_count = None if rpm is None else int(req_raw)
         tok_count = None if tpm is None or int(tok_raw) < 0 else int(tok_raw)
         if not int(admitted):
             raise self._exceeded(now, reset_at, rpm, req_count, tpm, tok_count)
-        return Reservation(
-            subject=subject,
-            tokens_reserved=tokens,
-            window=window,
-            requests=None if rpm is None else RateLimitWindow(rpm, rpm - cast(int, req_count), reset_at),
-            tokens=None if tpm is None else RateLimitWindow(tpm, tpm - cast(int, tok_count), reset_at),
-        )
+        return _admitted(subject, tokens, window, reset_at, rpm, req_count, tpm, tok_count)
 
     async def _too_large(self, subject: str, rpm: int | None, tpm: int, tokens: int) -> RateLimitError:
         """The error for a request that no window could ever admit; counts nothing, but reads the counters (best
