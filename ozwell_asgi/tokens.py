@@ -22,7 +22,7 @@ import anyio.to_thread
 if TYPE_CHECKING:
     from .wire.chat import ChatCompletionRequest
 
-__all__ = ["BPETokenizer", "Tokenizer", "count_chat_prompt", "count_content", "default_tokenizer"]
+__all__ = ["BPETokenizer", "Tokenizer", "count_chat_prompt", "count_content", "count_tool_call", "default_tokenizer"]
 
 
 @runtime_checkable
@@ -124,6 +124,11 @@ def count_content(tokenizer: Tokenizer, content: object) -> int:
     return total
 
 
+def count_tool_call(tokenizer: Tokenizer, name: str | None, arguments: str | None) -> int:
+    """Tokens of a tool call (or of a streamed piece of one): its function name and its JSON arguments."""
+    return (tokenizer.count(name) if name else 0) + (tokenizer.count(arguments) if arguments else 0)
+
+
 def count_chat_prompt(tokenizer: Tokenizer, request: ChatCompletionRequest) -> int:
     """OpenAI's documented chat count: 3 per message, 1 per name, the text, 3 to prime the reply; tools as JSON.
 
@@ -142,7 +147,7 @@ def count_chat_prompt(tokenizer: Tokenizer, request: ChatCompletionRequest) -> i
         for call in fields.get("tool_calls") or ():
             function = getattr(call, "function", None)
             if function is not None:
-                total += tokenizer.count(function.name) + tokenizer.count(function.arguments)
+                total += count_tool_call(tokenizer, function.name, function.arguments)
     if request.tools:
         total += tokenizer.count(json.dumps([tool.model_dump(exclude_none=True) for tool in request.tools]))
     _last_prompt.set((request, total))

@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import InvalidRequestError
-from ..tokens import Tokenizer, count_chat_prompt, default_tokenizer
+from ..tokens import Tokenizer, count_chat_prompt, count_tool_call, default_tokenizer
 from ..types import (
     AssistantMessage,
     ChatChoice,
@@ -33,6 +33,7 @@ from ..types import (
     ToolCallDelta,
     Usage,
 )
+from ..wire.chat import message_text
 
 if TYPE_CHECKING:
     from ..wire.chat import ChatCompletionRequest
@@ -42,20 +43,6 @@ __all__ = ["EchoBackend"]
 _WORD_RE = re.compile(r"\s*\S+|\s+")
 EMBEDDING_DIMENSIONS = 1536
 _CREATED = 1_700_000_000
-
-
-def _text_of(content: object) -> str:
-    if content is None:
-        return ""
-    if isinstance(content, str):
-        return content
-    parts: list[str] = []
-    if isinstance(content, list | tuple):
-        for part in content:
-            text = getattr(part, "text", None)
-            if isinstance(text, str):
-                parts.append(text)
-    return "".join(parts)
 
 
 def _instance_of(schema: Any, text: str, depth: int = 0) -> Any:
@@ -140,7 +127,7 @@ class EchoBackend:
         text = ""
         for message in reversed(request.messages):
             if message.role == "user":
-                text = _text_of(message.content)
+                text = message_text(message)
                 break
         fmt = request.response_format
         kind = getattr(fmt, "type", None)
@@ -154,13 +141,11 @@ class EchoBackend:
     def _limit(self, request: ChatCompletionRequest, text: str) -> tuple[str, str, list[int]]:
         """Apply ``stop`` then the token cap; returns (text, finish_reason, tokens)."""
         finish = "stop"
-        stop = request.stop
-        stops = [stop] if isinstance(stop, str) else list(stop or ())
-        cut = min((i for i in (text.find(s) for s in stops if s) if i >= 0), default=-1)
+        cut = min((i for i in (text.find(s) for s in request.stop_sequences if s) if i >= 0), default=-1)
         if cut >= 0:
             text = text[:cut]
         tokens = self.tokenizer.encode(text)
-        cap = request.max_completion_tokens if request.max_completion_tokens is not None else request.max_tokens
+        cap = request.effective_max_tokens
         if cap is not None and len(tokens) > cap:
             tokens = tokens[:cap]
             text = self.tokenizer.decode(tokens)
@@ -190,10 +175,10 @@ class EchoBackend:
         forced = self._forced_tool(request)
         choices: list[ChatChoice] = []
         completion = 0
-        for index in range(request.n or 1):
+        for index in range(request.choice_count):
             if forced is not None:
                 call = self._tool_call(request, forced[0], forced[1], index)
-                completion += self.tokenizer.count(call.name) + self.tokenizer.count(call.arguments)
+                completion += count_tool_call(self.tokenizer, call.name, call.arguments)
                 finish = "tool_calls" if request.tool_choice == "required" else "stop"
                 message = AssistantMessage(content=None, tool_calls=(call,))
                 choices.append(ChatChoice(index=index, message=message, finish_reason=finish))  # type: ignore[arg-type]
@@ -214,10 +199,10 @@ class EchoBackend:
         prompt = count_chat_prompt(self.tokenizer, request)
         forced = self._forced_tool(request)
         completion = 0
-        for index in range(request.n or 1):
+        for index in range(request.choice_count):
             if forced is not None:
                 call = self._tool_call(request, forced[0], forced[1], index)
-                completion += self.tokenizer.count(call.name) + self.tokenizer.count(call.arguments)
+                completion += count_tool_call(self.tokenizer, call.name, call.arguments)
                 yield ChatChunk(
                     index=index,
                     role="assistant",

@@ -18,7 +18,7 @@ from ..errors import InvalidRequestError, OzwellError, as_ozwell_error, error_bo
 from ..ratelimit import rate_limit_header_bytes
 from ..responses import JSONResponse
 from ..sse import DONE, SSEResponse, event
-from ..tokens import count_chat_prompt
+from ..tokens import count_chat_prompt, count_tool_call
 from ..types import SCOPE_API, ChatChunk, ChatResult, Reservation, ToolCall, Usage
 from ..wire.chat import ChatCompletionRequest, parse_chat_request
 
@@ -44,10 +44,6 @@ def _usage_dict(usage: Usage) -> dict[str, Any]:
 
 def _tool_call_dict(call: ToolCall) -> dict[str, Any]:
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
-
-
-def encode_headers(pairs: list[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
-    return [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in pairs]
 
 
 def render_completion(result: ChatResult, completion_id: str, created: int, model: str, usage: Usage) -> dict[str, Any]:
@@ -120,8 +116,8 @@ async def create_chat_completion(services: Services, request: Request) -> Any:
     await services.find_model(principal, model, "chat")
 
     prompt_estimate = count_chat_prompt(services.tokenizer, chat)
-    cap = chat.max_completion_tokens if chat.max_completion_tokens is not None else chat.max_tokens
-    completion_reserve = (cap if cap is not None else services.settings.default_completion_reserve) * (chat.n or 1)
+    cap = chat.effective_max_tokens
+    completion_reserve = (cap if cap is not None else services.settings.default_completion_reserve) * chat.choice_count
     reservation = await services.limiter.reserve(
         principal.key_id, principal.quota, prompt_estimate + completion_reserve
     )
@@ -136,10 +132,7 @@ async def create_chat_completion(services: Services, request: Request) -> Any:
             await _settle(services, reservation, 0)
             raise
         usage = result.usage or _count_usage(services, chat, result, prompt_estimate)
-        try:
-            await services.limiter.settle(reservation, usage.total_tokens)
-        except Exception:  # settling must never turn an answer into an error
-            log.exception("rate limiter settle failed")
+        await _settle(services, reservation, usage.total_tokens, shield=False)
         return JSONResponse(render_completion(result, completion_id, created, model, usage), headers=headers)
 
     stream = services.backend.chat_stream(chat)
@@ -180,7 +173,7 @@ def _count_usage(services: Services, chat: ChatCompletionRequest, result: ChatRe
     for choice in result.choices:
         completion += services.tokenizer.count(choice.message.content or "")
         for call in choice.message.tool_calls:
-            completion += services.tokenizer.count(call.name) + services.tokenizer.count(call.arguments)
+            completion += count_tool_call(services.tokenizer, call.name, call.arguments)
     return Usage(prompt, completion)
 
 
@@ -191,8 +184,10 @@ async def _aclose(stream: AsyncIterator[ChatChunk]) -> None:
             await close()
 
 
-async def _settle(services: Services, reservation: Reservation, used: int) -> None:
-    with anyio.CancelScope(shield=True):
+async def _settle(services: Services, reservation: Reservation, used: int, *, shield: bool = True) -> None:
+    """Reconcile the reservation; never raises. ``shield`` (the default) lets it finish while the request is being
+    cancelled (a client gone mid-stream); a plain completion's last step skips that cost."""
+    with anyio.CancelScope(shield=shield):
         try:
             await services.limiter.settle(reservation, used)
         except Exception:  # settling must never turn an answer into an error
@@ -209,7 +204,7 @@ async def _frames(
     created: int,
     prompt_estimate: int,
 ) -> AsyncGenerator[bytes, None]:
-    include_usage = bool(chat.stream_options is not None and chat.stream_options.include_usage)
+    include_usage = chat.include_usage
     prefix = {
         "id": completion_id,
         "object": "chat.completion.chunk",
@@ -234,9 +229,7 @@ async def _frames(
                 if chunk.content:
                     counted += services.tokenizer.count(chunk.content)
                 for call in chunk.tool_calls:
-                    counted += services.tokenizer.count(call.arguments or "") + services.tokenizer.count(
-                        call.name or ""
-                    )
+                    counted += count_tool_call(services.tokenizer, call.name, call.arguments)
                 payload: dict[str, Any] = {
                     **prefix,
                     "choices": [
