@@ -142,8 +142,9 @@ def _invalid_key(token: str) -> AuthenticationError:
     return AuthenticationError(f"Incorrect API key provided: {shown}.", code="invalid_api_key")
 
 
-def require_scope(principal: Principal, scope: str) -> None:
-    if scope not in principal.scopes:
+def require_scope(principal: Principal, scope: str, *alternatives: str) -> None:
+    """403 unless the principal holds ``scope`` or one of ``alternatives`` (named in the message: ``scope``)."""
+    if scope not in principal.scopes and principal.scopes.isdisjoint(alternatives):
         raise PermissionDeniedError(f"This API key does not have the '{scope}' scope this endpoint requires.")
 
 

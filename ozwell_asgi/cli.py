@@ -230,14 +230,6 @@ def _when(epoch: int | None) -> str:
     return datetime.datetime.fromtimestamp(epoch, datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _status(key: APIKey, now: float) -> str:
-    if key.revoked_at is not None:
-        return "revoked"
-    if key.expires_at is not None and now >= key.expires_at:
-        return "expired"
-    return "active"
-
-
 def _limits(key: APIKey) -> tuple[int | None, int | None]:
     try:
         quota = quota_for(key.plan, key.rpm, key.tpm, DEFAULT_PLANS)
@@ -261,7 +253,7 @@ def _key_record(key: APIKey, now: float) -> dict[str, Any]:
         "created_at": key.created_at,
         "expires_at": key.expires_at,
         "revoked_at": key.revoked_at,
-        "status": _status(key, now),
+        "status": key.status(now),
         "hint": key.hint,
     }
 

@@ -10,7 +10,7 @@ from starlette.requests import Request
 from .auth import Authenticator, KeyManager, model_allowed, require_scope
 from .errors import NotFoundError, PermissionDeniedError
 from .protocols import ModelBackend, RateLimiter
-from .ratelimit import Plan
+from .ratelimit import Plan, rate_limit_header_bytes
 from .tokens import Tokenizer
 from .types import ModelInfo, Principal
 
@@ -50,11 +50,17 @@ class Services:
     settings: Settings
     plans: Mapping[str, Plan]
 
-    async def authenticate(self, request: Request, scope: str) -> Principal:
-        """The caller, who must hold ``scope``; raises 401/403 in the contract's envelope."""
+    async def authenticate(self, request: Request, scope: str, *alternatives: str) -> Principal:
+        """The caller, who must hold ``scope`` (or one of ``alternatives``); raises 401/403 in the envelope."""
         principal = await self.authenticator.authenticate(header(request, b"authorization"))
-        require_scope(principal, scope)
+        require_scope(principal, scope, *alternatives)
         return principal
+
+    async def charge_request(self, principal: Principal) -> list[tuple[bytes, bytes]]:
+        """Take one request and no tokens on the caller's limits (429 if spent); the rate-limit headers to send."""
+        reservation = await self.limiter.reserve(principal.key_id, principal.quota, 0)
+        await self.limiter.settle(reservation, 0)
+        return rate_limit_header_bytes(reservation)
 
     async def find_model(self, principal: Principal, model: str, kind: str) -> ModelInfo:
         """The backend's model ``model``, if ``principal`` may use it: 403 if the key excludes it, 404 if unknown."""

@@ -69,6 +69,14 @@ class APIKey:
     def is_active(self, now: float) -> bool:
         return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
 
+    def status(self, now: float) -> Literal["active", "revoked", "expired"]:
+        """``"revoked"``, ``"expired"`` or ``"active"`` (revocation wins over expiry)."""
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at is not None and now >= self.expires_at:
+            return "expired"
+        return "active"
+
 
 @dataclass(frozen=True, slots=True)
 class Quota:

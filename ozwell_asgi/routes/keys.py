@@ -35,9 +35,8 @@ from starlette.requests import Request
 
 from ..auth import KNOWN_SCOPES
 from ..bodies import read_json_body
-from ..context import Services, header
+from ..context import Services
 from ..errors import InvalidRequestError, NotFoundError, PermissionDeniedError
-from ..ratelimit import rate_limit_header_bytes
 from ..responses import JSONResponse
 from ..types import DEFAULT_SCOPES, SCOPE_ADMIN, SCOPE_ADMIN_GLOBAL, SCOPE_API, APIKey, Principal
 from ..wire.keys import parse_create_key_request
@@ -63,15 +62,6 @@ _IMPLIED: dict[str, frozenset[str]] = {
 Headers = list[tuple[bytes, bytes]]
 
 
-def key_status(key: APIKey, now: float | None = None) -> str:
-    """``"revoked"``, ``"expired"`` or ``"active"`` (revocation wins over expiry)."""
-    if key.revoked_at is not None:
-        return "revoked"
-    if key.expires_at is not None and (time.time() if now is None else now) >= key.expires_at:
-        return "expired"
-    return "active"
-
-
 def key_object(key: APIKey, secret: str | None = None) -> dict[str, Any]:
     """The wire form of a key; ``secret`` is added only by create and rotate. Never the hash."""
     body: dict[str, Any] = {
@@ -87,7 +77,7 @@ def key_object(key: APIKey, secret: str | None = None) -> dict[str, Any]:
         "created_at": key.created_at,
         "expires_at": key.expires_at,
         "revoked_at": key.revoked_at,
-        "status": key_status(key),
+        "status": key.status(time.time()),
         "redacted_value": key.hint + "…",
     }
     if secret is not None:
@@ -101,14 +91,8 @@ def _is_global(principal: Principal) -> bool:
 
 async def _admin(services: Services, request: Request) -> tuple[Principal, Headers]:
     """The caller, who must hold ``admin`` or ``admin:global``; one request, no tokens, taken on its limit."""
-    principal = await services.authenticator.authenticate(header(request, b"authorization"))
-    if SCOPE_ADMIN not in principal.scopes and not _is_global(principal):
-        raise PermissionDeniedError(
-            f"This API key does not have the '{SCOPE_ADMIN}' scope this endpoint requires.",
-        )
-    reservation = await services.limiter.reserve(principal.key_id, principal.quota, 0)
-    await services.limiter.settle(reservation, 0)
-    return principal, rate_limit_header_bytes(reservation)
+    principal = await services.authenticate(request, SCOPE_ADMIN, SCOPE_ADMIN_GLOBAL)
+    return principal, await services.charge_request(principal)
 
 
 def _not_found(key_id: str) -> NotFoundError:

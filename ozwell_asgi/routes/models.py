@@ -9,7 +9,6 @@ from starlette.requests import Request
 from ..auth import model_allowed
 from ..context import Services
 from ..errors import NotFoundError
-from ..ratelimit import rate_limit_header_bytes
 from ..responses import JSONResponse
 from ..types import SCOPE_API, ModelInfo
 
@@ -22,21 +21,19 @@ def _model_dict(info: ModelInfo) -> dict[str, Any]:
 
 async def list_models(services: Services, request: Request) -> JSONResponse:
     principal = await services.authenticate(request, SCOPE_API)
-    reservation = await services.limiter.reserve(principal.key_id, principal.quota, 0)
+    headers = await services.charge_request(principal)
     models = [_model_dict(m) for m in await services.backend.list_models() if model_allowed(principal.models, m.id)]
-    await services.limiter.settle(reservation, 0)
-    return JSONResponse({"object": "list", "data": models}, headers=rate_limit_header_bytes(reservation))
+    return JSONResponse({"object": "list", "data": models}, headers=headers)
 
 
 async def retrieve_model(services: Services, request: Request) -> JSONResponse:
     principal = await services.authenticate(request, SCOPE_API)
     model_id: str = request.path_params["model"]
-    reservation = await services.limiter.reserve(principal.key_id, principal.quota, 0)
-    await services.limiter.settle(reservation, 0)
+    headers = await services.charge_request(principal)
     if model_allowed(principal.models, model_id):
         for info in await services.backend.list_models():
             if info.id == model_id:
-                return JSONResponse(_model_dict(info), headers=rate_limit_header_bytes(reservation))
+                return JSONResponse(_model_dict(info), headers=headers)
     raise NotFoundError(
         f"The model '{model_id}' does not exist or you do not have access to it.", param="model", code="model_not_found"
     )
