@@ -278,23 +278,18 @@ class OzwellAPI:
             scope["path_params"] = params
             await endpoint(scope, receive, send_with_ids)
         except Exception as exc:
-            error = self._as_error(exc, scope, request_id)
+            error = self._as_error(exc, request_id)
             if response_started:
                 log.error("error after the response started (request %s): %r", request_id.decode(), error)
                 return
             await error_response(error)(scope, receive, send_with_ids)
 
     @staticmethod
-    def _as_error(exc: Exception, scope: Scope, request_id: bytes) -> OzwellError:
+    def _as_error(exc: Exception, request_id: bytes) -> OzwellError:
         if isinstance(exc, OzwellError):
             return exc
-        if isinstance(exc, HTTPException):
-            url = f"{scope['method']} {scope['path']}"
-            if exc.status_code == 405:
-                allow = (exc.headers or {}).get("Allow", "")
-                return MethodNotAllowedError(f"Invalid method for URL ({url})", code=None, headers=[("Allow", allow)])
-            if exc.status_code == 404:
-                return NotFoundError(f"Invalid URL ({url})", code=None)
-            return OzwellError(str(exc.detail), status=exc.status_code, type="invalid_request_error")
+        if isinstance(exc, HTTPException):  # from a Starlette helper a handler may use
+            headers = list((exc.headers or {}).items())
+            return OzwellError(str(exc.detail), status=exc.status_code, type="invalid_request_error", headers=headers)
         log.exception("unhandled error (request %s)", request_id.decode())
         return internal_error()

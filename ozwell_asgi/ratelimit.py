@@ -19,7 +19,7 @@ import logging
 import math
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any, Literal, cast
@@ -340,20 +340,21 @@ class LimitsRateLimiter:
             self._storage = storage
         return self._storage
 
-    async def _incr(self, key: str, expiry: int, amount: int) -> int:
-        storage = self._get_storage()
+    async def _bounded(self, call: Awaitable[Any]) -> Any:
+        """Await a storage call within ``timeout`` (``TimeoutError`` past it); in-process storage needs no timer."""
         if self._in_process:  # no I/O that could hang: skip the timer (it costs more than the increment)
-            return int(await storage.incr(key, expiry, amount))
+            return await call
         # limits' async storages and redis-py run on asyncio only, so asyncio's own (cheaper) timeout is enough.
         async with asyncio.timeout(self._timeout):
-            return int(await storage.incr(key, expiry, amount))
+            return await call
+
+    async def _incr(self, key: str, expiry: int, amount: int) -> int:
+        return int(await self._bounded(self._get_storage().incr(key, expiry, amount)))
 
     async def _peek(self, key: str) -> int | None:
         """The counter's value for the headers of a 429, or ``None`` if the storage does not answer."""
-        storage = self._get_storage()
         try:
-            with anyio.fail_after(self._timeout):
-                return int(await storage.get(key))
+            return int(await self._bounded(self._get_storage().get(key)))
         except self._storage_errors as exc:
             self._storage_failed(exc)
             return None
@@ -465,8 +466,7 @@ class LimitsRateLimiter:
         keys = [self._prefixed(self._key("req", window, subject)), self._prefixed(self._key("tok", window, subject))]
         args = [expiry, -1 if rpm is None else rpm, -1 if tpm is None else tpm, tokens]
         try:
-            async with asyncio.timeout(self._timeout):
-                admitted, req_raw, tok_raw = await self._reserve_script(keys=keys, args=args)
+            admitted, req_raw, tok_raw = await self._bounded(self._reserve_script(keys=keys, args=args))
         except self._storage_errors as exc:
             return self._outage_reservation(exc, subject, tokens, window)
         self._storage_ok()
