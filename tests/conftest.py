@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
+from tests.redis_server import PrivateRedis, running_private_redis
+
 REDIS_HOST = os.environ.get("OZWELL_TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("OZWELL_TEST_REDIS_PORT", "6379"))
 PG_HOST = os.environ.get("OZWELL_TEST_PG_HOST", "127.0.0.1")
@@ -39,6 +41,13 @@ def need_service(name: str, host: str, port: int) -> None:
     if REQUIRE_SERVICES:
         pytest.fail(f"{reason}, and OZWELL_TEST_REQUIRE_SERVICES=1 requires it")
     pytest.skip(reason)
+
+
+@pytest.fixture
+def private_redis() -> Iterator[PrivateRedis]:
+    """A throwaway ``redis-server`` on a spare port that the test may stop, freeze and restart."""
+    with running_private_redis() as server:
+        yield server
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import anyio
@@ -42,7 +42,7 @@ from ozwell_asgi.types import (
 )
 from ozwell_asgi.wire.chat import parse_chat_request
 from tests.harness import async_openai, raw_client, sync_openai, uvicorn_server
-from tests.redis_server import PrivateRedis, running_private_redis
+from tests.redis_server import PrivateRedis
 
 SECRET = "s" * 32
 MESSAGES = [{"role": "user", "content": "How many tokens does this question take?"}]
@@ -691,12 +691,6 @@ async def test_two_apps_on_one_redis_admit_exactly_the_budget(redis_url: str, re
 
 
 # --------------------------------------------------------------------------------------- 8: Redis outage policy
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    with running_private_redis() as server:
-        yield server
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import anyio
@@ -392,12 +392,6 @@ async def test_keys_are_namespaced_and_expire(redis_url: str, redis_prefix: str)
 
 
 # ------------------------------------------------------------------------------------------------- outages
-
-
-@pytest.fixture
-def private_redis() -> Iterator[PrivateRedis]:
-    with running_private_redis() as server:
-        yield server
 
 
 @pytest.mark.slow
