@@ -12,8 +12,8 @@ Every write is one Lua script, so it is atomic for every process sharing the ser
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any
 
 try:
@@ -27,6 +27,7 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ..errors import ServiceUnavailableError
 from ..types import APIKey
+from .outage import unavailable_on
 
 __all__ = ["DEFAULT_PREFIX", "RedisKeyStore"]
 
@@ -66,13 +67,7 @@ return {3, redis.call('HGETALL', KEYS[1])}
 """
 
 
-@contextmanager
-def _unavailable() -> Iterator[None]:
-    """Turn a lost or timed-out Redis connection into a 503 the client may retry."""
-    try:
-        yield
-    except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
-        raise ServiceUnavailableError("The API key store is unavailable. Please retry shortly.") from exc
+_unavailable = partial(unavailable_on, RedisConnectionError, RedisTimeoutError, OSError)
 
 
 def _text(value: Any) -> str:

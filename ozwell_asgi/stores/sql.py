@@ -8,8 +8,8 @@ a lifespan; on SQLite, WAL and a busy timeout let a CLI and a running server wri
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
+from functools import partial
 from typing import Any
 
 import anyio
@@ -20,8 +20,8 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, Pro
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
-from ..errors import ServiceUnavailableError
 from ..types import APIKey
+from .outage import unavailable_on
 
 __all__ = ["SQLDatabase", "SQLKeyStore", "api_keys_table", "metadata", "normalize_sql_url"]
 
@@ -83,13 +83,7 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
-@contextmanager
-def _unavailable() -> Iterator[None]:
-    """Turn an unreachable or locked database into a 503 the client may retry."""
-    try:
-        yield
-    except (OperationalError, InterfaceError, OSError) as exc:
-        raise ServiceUnavailableError("The API key store is unavailable. Please retry shortly.") from exc
+_unavailable = partial(unavailable_on, OperationalError, InterfaceError, OSError)
 
 
 class SQLDatabase:
