@@ -187,11 +187,14 @@ async def _aclose(stream: AsyncIterator[ChatChunk]) -> None:
 async def _settle(services: Services, reservation: Reservation, used: int, *, shield: bool = True) -> None:
     """Reconcile the reservation; never raises. ``shield`` (the default) lets it finish while the request is being
     cancelled (a client gone mid-stream); a plain completion's last step skips that cost."""
-    with anyio.CancelScope(shield=shield):
-        try:
-            await services.limiter.settle(reservation, used)
-        except Exception:  # settling must never turn an answer into an error
-            log.exception("rate limiter settle failed")
+    if shield:
+        with anyio.CancelScope(shield=True):
+            await _settle(services, reservation, used, shield=False)
+        return
+    try:
+        await services.limiter.settle(reservation, used)
+    except Exception:  # settling must never turn an answer into an error
+        log.exception("rate limiter settle failed")
 
 
 async def _frames(
