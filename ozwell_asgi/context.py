@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from starlette.requests import Request
 
 from .auth import Authenticator, KeyManager, model_allowed, require_scope
+from .bodies import header, read_json_body
 from .errors import NotFoundError, PermissionDeniedError
+from .meter import Meter
 from .protocols import ModelBackend, RateLimiter
 from .ratelimit import Plan, rate_limit_header_bytes
 from .tokens import Tokenizer
@@ -17,27 +19,38 @@ from .types import ModelInfo, Principal
 __all__ = ["Services", "Settings", "header"]
 
 
-def header(request: Request, name: bytes) -> str | None:
-    """A request header (``name`` lower-case), from the one header dict the app builds per request."""
-    headers: dict[bytes, bytes] | None = request.scope.get("ozwell.headers")
-    if headers is None:
-        value = request.headers.get(name.decode())
-        return value
-    raw = headers.get(name)
-    return None if raw is None else raw.decode("latin-1")
-
-
 @dataclass(frozen=True, slots=True)
 class Settings:
-    """Tunables of the request path.
+    """Tunables of the request path, each a cap on what one request may make the server do.
 
     ``max_body_size``: largest JSON body accepted (bytes), else 413.
-    ``default_completion_reserve``: tokens reserved for the answer when a request sets no ``max_tokens``; the
-    reservation is reconciled with the real usage afterwards, so this only bounds concurrency, not cost.
+    ``body_idle_timeout``: seconds a body may stop arriving before the request is dropped with a 408.
+    ``default_completion_reserve``: tokens reserved per choice for the answer when a request sets no
+    ``max_tokens``/``max_completion_tokens``; it is also the bound the backend generates to (the reservation bounds
+    the generation), and the reservation is reconciled with the real usage afterwards.
+    ``max_messages``: messages in one chat request, else 400 (``param`` ``messages``).
+    ``max_content_parts``: content parts summed over a chat request's messages, else 400.
+    ``max_choices``: largest ``n`` (OpenAI's own limit is 128), else 400 (``param`` ``n``).
+    ``offload_parse_above``: bodies larger than this (bytes) are parsed and counted in a worker thread, so one large
+    admitted request does not stall every other client on the event loop.
     """
 
     max_body_size: int = 32 * 1024 * 1024
+    body_idle_timeout: float = 15.0
     default_completion_reserve: int = 1024
+    max_messages: int = 2048
+    max_content_parts: int = 4096
+    max_choices: int = 128
+    offload_parse_above: int = 1024 * 1024
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_size", "default_completion_reserve", "max_messages", "max_content_parts", "max_choices"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"Settings.{name} must be >= 1")
+        if self.body_idle_timeout <= 0:
+            raise ValueError("Settings.body_idle_timeout must be > 0")
+        if self.offload_parse_above < 0:
+            raise ValueError("Settings.offload_parse_above must be >= 0")
 
 
 @dataclass(slots=True)
@@ -55,6 +68,15 @@ class Services:
         principal = await self.authenticator.authenticate(header(request, b"authorization"))
         require_scope(principal, scope, *alternatives)
         return principal
+
+    async def meter(self, principal: Principal) -> Meter:
+        """Admit one billable call for ``principal`` before its body is read (429 if its budgets are spent)."""
+        return await Meter.admit(self.limiter, principal)
+
+    async def read_json(self, request: Request) -> bytes:
+        """The request's JSON body within the settings' size cap (413) and idle timeout (408)."""
+        settings = self.settings
+        return await read_json_body(request, settings.max_body_size, settings.body_idle_timeout)
 
     async def charge_request(self, principal: Principal) -> list[tuple[bytes, bytes]]:
         """Take one request and no tokens on the caller's limits (429 if spent); the rate-limit headers to send."""

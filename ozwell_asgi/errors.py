@@ -22,6 +22,7 @@ __all__ = [
     "PayloadTooLargeError",
     "PermissionDeniedError",
     "RateLimitError",
+    "RequestTimeoutError",
     "ServiceUnavailableError",
     "GatewayTimeoutError",
     "UnsupportedMediaTypeError",
@@ -105,6 +106,12 @@ class MethodNotAllowedError(OzwellError):
     status = 405
     type = "invalid_request_error"
     code = "method_not_allowed"
+
+
+class RequestTimeoutError(OzwellError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class PayloadTooLargeError(OzwellError):

@@ -84,11 +84,16 @@ class RateLimiter(Protocol):
     """Per-subject budgets of requests and tokens per minute, exact across every process sharing its storage.
 
     ``reserve`` takes one request and ``tokens`` tokens up front, or raises ``RateLimitError`` (429, with
-    ``Retry-After``) and takes nothing; ``settle`` reconciles the reservation with the tokens really used
-    (a refund never credits a later window). Storage outages follow the limiter's policy: raise
-    ``ServiceUnavailableError`` (fail closed) or return a ``degraded`` reservation (fail open).
+    ``Retry-After``) and takes nothing; a request asking for no tokens is never refused on them.
+    ``reserve_tokens`` adds tokens to an admitted reservation once a request's size is known (the app admits a
+    request before reading its body, then reserves what the parsed body needs), or raises 429 and adds nothing;
+    ``settle`` reconciles the reservation with the tokens really used (a refund never credits a later window).
+    Storage outages follow the limiter's policy: raise ``ServiceUnavailableError`` (fail closed) or return a
+    ``degraded`` reservation (fail open).
     """
 
     async def reserve(self, subject: str, quota: Quota, tokens: int) -> Reservation: ...
+
+    async def reserve_tokens(self, reservation: Reservation, tokens: int) -> None: ...
 
     async def settle(self, reservation: Reservation, used_tokens: int) -> None: ...

@@ -476,6 +476,65 @@ class LimitsRateLimiter:
             raise self._exceeded(now, reset_at, rpm, req_count, tpm, tok_count)
         return _admitted(subject, tokens, window, reset_at, rpm, req_count, tpm, tok_count)
 
+    async def reserve_tokens(self, reservation: Reservation, tokens: int) -> None:
+        """Add ``tokens`` to an admitted reservation (its request is already counted), or raise and add nothing.
+
+        The second step of a request whose size is known only after its body is read: ``reserve`` admitted the
+        request (and a floor of tokens) before the body, this reserves what the parsed request needs. Raises
+        ``RateLimitError`` (``rate_limit_exceeded``, or ``request_too_large`` when the reservation's total exceeds
+        the whole budget); the request stays counted either way. If the window rolled over since ``reserve``, the
+        tokens are taken in the current window and the reservation moves there (the old window's floor is left
+        behind: it can never be refunded into the new one). On Redis one round trip.
+        """
+        tokens = max(int(tokens), 0)
+        if reservation.settled:
+            raise RuntimeError("reserve_tokens() on a settled reservation")
+        budget = reservation.tokens
+        if reservation.degraded or budget is None or tokens == 0:
+            reservation.tokens_reserved += tokens
+            return
+        tpm = budget.limit
+        now = self._clock()
+        window = int(now // self._window)
+        if window != reservation.window:
+            reservation.window, reservation.tokens_reserved = window, 0
+        if reservation.tokens_reserved + tokens > tpm:
+            rpm = None if reservation.requests is None else reservation.requests.limit
+            raise await self._too_large(reservation.subject, rpm, tpm, reservation.tokens_reserved + tokens)
+        reset_at = float((window + 1) * self._window)
+        expiry = math.ceil(reset_at - now) + _EXPIRY_GRACE_SECONDS
+        tok_key = self._key("tok", window, reservation.subject)
+        self._get_storage()
+        try:
+            if self._reserve_script is not None:
+                keys = [self._prefixed(self._key("req", window, reservation.subject)), self._prefixed(tok_key)]
+                admitted, _, raw = await self._bounded(self._reserve_script(keys=keys, args=[expiry, -1, tpm, tokens]))
+                tok_count = int(raw)
+            else:
+                tok_count = await self._incr(tok_key, expiry, tokens)
+                admitted = tok_count <= tpm
+                if not admitted:
+                    await self._undo(tok_key, expiry, tokens)
+                    tok_count -= tokens
+        except self._storage_errors as exc:
+            self._outage_reservation(exc, reservation.subject, tokens, window)  # 503, or fail open:
+            reservation.degraded = True
+            reservation.tokens_reserved += tokens
+            return
+        self._storage_ok()
+        if not int(admitted):  # the 429 shows the budget as it stands once the caller gives back what it holds
+            requests = reservation.requests
+            raise self._exceeded(
+                now,
+                reset_at,
+                None if requests is None else requests.limit,
+                None if requests is None else requests.limit - requests.remaining,
+                tpm,
+                tok_count - reservation.tokens_reserved,
+            )
+        reservation.tokens_reserved += tokens
+        reservation.tokens = RateLimitWindow(tpm, tpm - tok_count, reset_at)
+
     async def _too_large(self, subject: str, rpm: int | None, tpm: int, tokens: int) -> RateLimitError:
         """The error for a request that no window could ever admit; counts nothing, but reads the counters (best
         effort) so that this 429 carries the rate-limit headers too."""

@@ -11,18 +11,26 @@ message has a ``name``, the tokens of its text, and 3 that prime the reply.
 
 from __future__ import annotations
 
-import json
 import threading
 from collections.abc import Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import anyio.to_thread
+from pydantic_core import to_json
 
 if TYPE_CHECKING:
     from .wire.chat import ChatCompletionRequest
 
-__all__ = ["BPETokenizer", "Tokenizer", "count_chat_prompt", "count_content", "count_tool_call", "default_tokenizer"]
+__all__ = [
+    "BPETokenizer",
+    "Tokenizer",
+    "count_chat_prompt",
+    "count_content",
+    "count_tool_call",
+    "default_tokenizer",
+    "remember_prompt",
+]
 
 
 @runtime_checkable
@@ -105,10 +113,56 @@ _last_prompt: ContextVar[tuple[object, int] | None] = ContextVar("ozwell_last_pr
 
 # Fixed cost OpenAI charges for a low-detail image; we count every image part at this rate.
 IMAGE_TOKENS = 85
+# Opaque data (base64 audio and file contents) is estimated by size: a token per this many characters.
+DATA_CHARS_PER_TOKEN = 4
+
+
+def _data_tokens(data: object) -> int:
+    return -(-len(data) // DATA_CHARS_PER_TOKEN) if isinstance(data, str) else 0
+
+
+def _text_tokens(tokenizer: Tokenizer, text: object) -> int:
+    return tokenizer.count(text) if isinstance(text, str) and text else 0
+
+
+def _json_tokens(tokenizer: Tokenizer, value: object) -> int:
+    """Tokens of a structured value the model receives (schemas, tool definitions, unknown fields), as JSON."""
+    if value is None:
+        return 0
+    return tokenizer.count(to_json(value, exclude_none=True, by_alias=True, fallback=str).decode())
+
+
+def _part_tokens(tokenizer: Tokenizer, part: object) -> int:
+    fields = getattr(part, "__dict__", None)
+    if fields is None:
+        return 0
+    kind = fields.get("type")
+    if kind == "text":
+        total = _text_tokens(tokenizer, fields.get("text"))
+    elif kind == "refusal":
+        total = _text_tokens(tokenizer, fields.get("refusal"))
+    elif kind == "image_url":
+        total = IMAGE_TOKENS
+    elif kind == "input_audio":
+        total = _data_tokens(getattr(fields.get("input_audio"), "data", None))
+    elif kind == "file":
+        file = fields.get("file")
+        total = (
+            _data_tokens(getattr(file, "file_data", None))
+            + _text_tokens(tokenizer, getattr(file, "filename", None))
+            + _text_tokens(tokenizer, getattr(file, "file_id", None))
+        )
+    else:
+        total = 0
+    extra = getattr(part, "__pydantic_extra__", None)
+    if extra:
+        total += _json_tokens(tokenizer, extra)
+    return total
 
 
 def count_content(tokenizer: Tokenizer, content: object) -> int:
-    """Tokens of a message's ``content``: a string, or a list of parts (text and refusal counted, images 85)."""
+    """Tokens of a message's ``content``: a string, or a list of parts (text and refusal by their text, images
+    85, audio and file data by size)."""
     if content is None:
         return 0
     if isinstance(content, str):
@@ -116,11 +170,7 @@ def count_content(tokenizer: Tokenizer, content: object) -> int:
     total = 0
     if isinstance(content, list | tuple):
         for part in content:
-            text = getattr(part, "text", None) or getattr(part, "refusal", None)
-            if isinstance(text, str):
-                total += tokenizer.count(text)
-            elif getattr(part, "type", None) == "image_url":
-                total += IMAGE_TOKENS
+            total += _part_tokens(tokenizer, part)
     return total
 
 
@@ -129,8 +179,45 @@ def count_tool_call(tokenizer: Tokenizer, name: str | None, arguments: str | Non
     return (tokenizer.count(name) if name else 0) + (tokenizer.count(arguments) if arguments else 0)
 
 
+def _message_tokens(tokenizer: Tokenizer, message: object) -> int:
+    fields = message.__dict__  # declared fields only: avoids pydantic's slow attribute fallback
+    total = 3 + count_content(tokenizer, fields.get("content"))
+    name = fields.get("name")
+    if name:
+        total += 1 + tokenizer.count(name)
+    calls = fields.get("tool_calls")
+    if calls:
+        for call in calls:
+            total += _text_tokens(tokenizer, call.id)
+            function = getattr(call, "function", None)
+            if function is not None:
+                total += count_tool_call(tokenizer, function.name, function.arguments)
+            custom = getattr(call, "custom", None)
+            if custom is not None:
+                total += count_tool_call(tokenizer, custom.name, custom.input)
+    function_call = fields.get("function_call")
+    if function_call is not None:
+        total += count_tool_call(tokenizer, function_call.name, function_call.arguments)
+    tool_call_id = fields.get("tool_call_id")
+    if tool_call_id:
+        total += tokenizer.count(tool_call_id)
+    refusal = fields.get("refusal")
+    if refusal:
+        total += tokenizer.count(refusal)
+    extra = getattr(message, "__pydantic_extra__", None)
+    if extra:
+        total += _json_tokens(tokenizer, extra)
+    return total
+
+
+# Request fields that reach the model as text beside the messages (everything else steers sampling or bookkeeping).
+_STRUCTURED_INPUTS = ("tools", "functions", "response_format", "tool_choice", "function_call", "prediction")
+
+
 def count_chat_prompt(tokenizer: Tokenizer, request: ChatCompletionRequest) -> int:
-    """OpenAI's documented chat count: 3 per message, 1 per name, the text, 3 to prime the reply; tools as JSON.
+    """OpenAI's documented chat count (3 per message, 1 per name, 3 to prime the reply) over every field the model
+    receives: message text, names, tool call ids and arguments, audio and file data (by size), tool and function
+    definitions, response format schemas and unknown fields (as JSON).
 
     Remembered for the request being served (a context variable: one per task), so the limiter's estimate and the
     backend share one count.
@@ -140,15 +227,19 @@ def count_chat_prompt(tokenizer: Tokenizer, request: ChatCompletionRequest) -> i
         return last[1]
     total = 3
     for message in request.messages:
-        fields = message.__dict__  # declared fields only: avoids pydantic's slow attribute fallback
-        total += 3 + count_content(tokenizer, fields.get("content"))
-        if fields.get("name"):
-            total += 1
-        for call in fields.get("tool_calls") or ():
-            function = getattr(call, "function", None)
-            if function is not None:
-                total += count_tool_call(tokenizer, function.name, function.arguments)
-    if request.tools:
-        total += tokenizer.count(json.dumps([tool.model_dump(exclude_none=True) for tool in request.tools]))
+        total += _message_tokens(tokenizer, message)
+    fields = request.__dict__
+    for name in _STRUCTURED_INPUTS:
+        value = fields.get(name)
+        if value is not None and not isinstance(value, str):
+            total += _json_tokens(tokenizer, value)
+    extra = request.__pydantic_extra__
+    if extra:
+        total += _json_tokens(tokenizer, extra)
     _last_prompt.set((request, total))
     return total
+
+
+def remember_prompt(request: ChatCompletionRequest, count: int) -> None:
+    """Record ``count`` as ``request``'s prompt count for this task (when it was counted in another context)."""
+    _last_prompt.set((request, count))

@@ -1,4 +1,5 @@
-"""POST /chat/completions: auth → parse → model → reserve → backend → JSON or SSE → settle."""
+"""POST /chat/completions: auth → admit (before the body) → read and parse → model → reserve → backend → JSON or
+SSE → settle."""
 
 from __future__ import annotations
 
@@ -9,17 +10,17 @@ from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import anyio
+import anyio.to_thread
 from pydantic_core import to_json
 from starlette.requests import Request
 
-from ..bodies import read_json_body
-from ..context import Services
+from ..context import Services, Settings
 from ..errors import InvalidRequestError, OzwellError, as_ozwell_error, error_body
-from ..ratelimit import rate_limit_header_bytes
+from ..meter import Meter
 from ..responses import JSONResponse
 from ..sse import DONE, SSEResponse, event
-from ..tokens import count_chat_prompt, count_tool_call
-from ..types import SCOPE_API, ChatChunk, ChatResult, Reservation, ToolCall, Usage
+from ..tokens import count_chat_prompt, count_tool_call, remember_prompt
+from ..types import SCOPE_API, ChatChunk, ChatResult, Principal, ToolCall, Usage
 from ..wire.chat import ChatCompletionRequest, parse_chat_request
 
 __all__ = ["create_chat_completion"]
@@ -109,19 +110,19 @@ def _delta(chunk: ChatChunk) -> dict[str, Any]:
 async def create_chat_completion(services: Services, request: Request) -> Any:
     started = time.time()
     principal = await services.authenticate(request, SCOPE_API)
-    body = await read_json_body(request, services.settings.max_body_size)
-    chat = parse_chat_request(body)
-    _check_combinations(chat)
+    meter = await services.meter(principal)  # a spent key is refused here, before its body is read
+    try:
+        chat, prompt_estimate = await _read_request(services, principal, request)
+        # The reservation bounds the generation: a request without max tokens is generated to the default reserve.
+        bound = chat.effective_max_tokens
+        if bound is None:
+            bound = chat.max_completion_tokens = services.settings.default_completion_reserve
+        await meter.reserve(prompt_estimate + bound * chat.choice_count)
+    except BaseException:
+        await meter.settle(0)
+        raise
+    headers = meter.headers
     model = chat.model
-    await services.find_model(principal, model, "chat")
-
-    prompt_estimate = count_chat_prompt(services.tokenizer, chat)
-    cap = chat.effective_max_tokens
-    completion_reserve = (cap if cap is not None else services.settings.default_completion_reserve) * chat.choice_count
-    reservation = await services.limiter.reserve(
-        principal.key_id, principal.quota, prompt_estimate + completion_reserve
-    )
-    headers = rate_limit_header_bytes(reservation)
     completion_id = f"chatcmpl-{random.getrandbits(128):032x}"  # unique, not secret
     created = int(started)
 
@@ -129,10 +130,10 @@ async def create_chat_completion(services: Services, request: Request) -> Any:
         try:
             result = await services.backend.chat(chat)
         except BaseException:
-            await _settle(services, reservation, 0)
+            await meter.settle(0)
             raise
         usage = result.usage or _count_usage(services, chat, result, prompt_estimate)
-        await _settle(services, reservation, usage.total_tokens, shield=False)
+        await meter.settle(usage.total_tokens, shield=False)
         return JSONResponse(render_completion(result, completion_id, created, model, usage), headers=headers)
 
     stream = services.backend.chat_stream(chat)
@@ -142,10 +143,61 @@ async def create_chat_completion(services: Services, request: Request) -> Any:
         first = None
     except BaseException:
         await _aclose(stream)
-        await _settle(services, reservation, 0)
+        await meter.settle(0)
         raise
-    frames = _frames(services, chat, stream, first, reservation, completion_id, created, prompt_estimate)
+    frames = _frames(services, chat, stream, first, meter, completion_id, created, prompt_estimate)
     return SSEResponse(frames, headers)
+
+
+async def _read_request(
+    services: Services, principal: Principal, request: Request
+) -> tuple[ChatCompletionRequest, int]:
+    """Read, parse and check the body, resolve the model and count the prompt: the work done only for a request
+    that was admitted. Bodies over ``Settings.offload_parse_above`` are parsed and counted in a worker thread."""
+    settings = services.settings
+    body = await services.read_json(request)
+    offload = len(body) > settings.offload_parse_above
+    chat = await anyio.to_thread.run_sync(parse_chat_request, body) if offload else parse_chat_request(body)
+    _check_combinations(chat)
+    _check_caps(chat, settings)
+    await services.find_model(principal, chat.model, "chat")
+    if offload:
+        estimate = await anyio.to_thread.run_sync(count_chat_prompt, services.tokenizer, chat)
+        remember_prompt(chat, estimate)  # the thread's context is a copy: share the count with the backend here
+    else:
+        estimate = count_chat_prompt(services.tokenizer, chat)
+    return chat, estimate
+
+
+def _check_caps(chat: ChatCompletionRequest, settings: Settings) -> None:
+    """The settings' caps on what one request may ask for (docs/rate-limits.md)."""
+    messages = chat.messages
+    if len(messages) > settings.max_messages:
+        raise InvalidRequestError(
+            f"Invalid 'messages': array too long. Expected an array with maximum length {settings.max_messages}, "
+            f"but got an array with length {len(messages)} instead.",
+            param="messages",
+            code="array_above_max_length",
+        )
+    if chat.choice_count > settings.max_choices:
+        raise InvalidRequestError(
+            f"Invalid 'n': integer above maximum value. Expected a value <= {settings.max_choices}, "
+            f"but got {chat.choice_count} instead.",
+            param="n",
+            code="integer_above_max_value",
+        )
+    parts = 0
+    for message in messages:
+        content = message.__dict__.get("content")
+        if isinstance(content, list):
+            parts += len(content)
+    if parts > settings.max_content_parts:
+        raise InvalidRequestError(
+            f"Too many content parts: this request has {parts}, the limit is {settings.max_content_parts} "
+            "summed over all messages.",
+            param="messages",
+            code="array_above_max_length",
+        )
 
 
 def _check_combinations(chat: ChatCompletionRequest) -> None:
@@ -184,25 +236,12 @@ async def _aclose(stream: AsyncIterator[ChatChunk]) -> None:
             await close()
 
 
-async def _settle(services: Services, reservation: Reservation, used: int, *, shield: bool = True) -> None:
-    """Reconcile the reservation; never raises. ``shield`` (the default) lets it finish while the request is being
-    cancelled (a client gone mid-stream); a plain completion's last step skips that cost."""
-    if shield:
-        with anyio.CancelScope(shield=True):
-            await _settle(services, reservation, used, shield=False)
-        return
-    try:
-        await services.limiter.settle(reservation, used)
-    except Exception:  # settling must never turn an answer into an error
-        log.exception("rate limiter settle failed")
-
-
 async def _frames(
     services: Services,
     chat: ChatCompletionRequest,
     stream: AsyncIterator[ChatChunk],
     first: ChatChunk | None,
-    reservation: Reservation,
+    meter: Meter,
     completion_id: str,
     created: int,
     prompt_estimate: int,
@@ -252,14 +291,14 @@ async def _frames(
         if include_usage:
             yield event(to_json({**prefix, "choices": [], "usage": _usage_dict(final)}))
         yield DONE
-        await _settle(services, reservation, final.total_tokens)
+        await meter.settle(final.total_tokens)
     except Exception as exc:
         if not isinstance(exc, OzwellError):
             log.exception("backend failed mid-stream")
-        await _settle(services, reservation, prompt_estimate + counted)
+        await meter.settle(prompt_estimate + counted)
         yield event(error_body(as_ozwell_error(exc)))
     except BaseException:  # cancelled: the client went away
-        await _settle(services, reservation, (usage.total_tokens if usage else prompt_estimate + counted))
+        await meter.settle(usage.total_tokens if usage else prompt_estimate + counted)
         raise
     finally:
         await _aclose(stream)
