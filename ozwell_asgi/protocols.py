@@ -16,12 +16,63 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from .types import APIKey, ChatChunk, ChatResult, EmbeddingResult, ModelInfo, Quota, Reservation
+from .types import APIKey, Call, ChatChunk, ChatResult, EmbeddingResult, ModelInfo, Quota, Reservation
 
 if TYPE_CHECKING:
     from .wire.chat import ChatCompletionRequest
+    from .wire.embeddings import EmbeddingRequest
 
-__all__ = ["KeyStore", "ModelBackend", "RateLimiter"]
+__all__ = [
+    "ChatBackend",
+    "CompletesChat",
+    "EmbeddingBackend",
+    "KeyStore",
+    "ModelBackend",
+    "ModelCatalog",
+    "RateLimiter",
+]
+
+
+# -- model backends, by capability --------------------------------------------------------------------------------
+#
+# A backend is any object with ``list_models`` and at least one capability: chat (``stream_chat``, optionally
+# ``complete_chat``) and/or embeddings (``embed``). The app serves the routes its capabilities allow and checks the
+# backend when it is built. Requests are passed inward as the validated wire models (pydantic, as vLLM does): fields
+# we do not model are in ``request.model_extra``.
+
+
+@runtime_checkable
+class ModelCatalog(Protocol):
+    async def list_models(self) -> Sequence[ModelInfo]:
+        """Every model this backend serves (``ModelInfo.kind`` says which routes take it). Called per request:
+        cache it if it is costly to compute."""
+        ...
+
+
+@runtime_checkable
+class ChatBackend(ModelCatalog, Protocol):
+    def stream_chat(self, request: ChatCompletionRequest, call: Call) -> AsyncIterator[ChatChunk]:
+        """The completion as it is produced (an async generator, typically): the one required chat method.
+
+        Generate at most ``call.max_tokens`` tokens per choice. The iterator is closed (``aclose``) if the client
+        goes away: release upstream resources then. Raise an ``OzwellError`` for what the client should see.
+        """
+        ...
+
+
+@runtime_checkable
+class CompletesChat(Protocol):
+    async def complete_chat(self, request: ChatCompletionRequest, call: Call) -> ChatResult:
+        """Optional: a whole completion for ``stream: false`` (a proxy sends it upstream non-streamed). Without it
+        the app folds ``stream_chat`` into one result."""
+        ...
+
+
+@runtime_checkable
+class EmbeddingBackend(ModelCatalog, Protocol):
+    async def embed(self, request: EmbeddingRequest, call: Call) -> EmbeddingResult:
+        """One vector per input of ``request.inputs()``, in order, of ``request.dimensions`` when it is set."""
+        ...
 
 
 @runtime_checkable

@@ -6,6 +6,7 @@ frozen dataclasses. ASGI aliases are re-exported from Starlette so the whole pac
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -13,6 +14,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
     "APIKey",
+    "Call",
     "ASGIApp",
     "AssistantMessage",
     "ChatChoice",
@@ -137,9 +139,30 @@ class ModelInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class Call:
+    """Who and what a backend call is for: given to every backend method with the request.
+
+    ``deadline`` is an ``anyio.current_time()`` instant by which the call must be answered (``None``: no deadline);
+    a router stops trying fallbacks past it. ``max_tokens`` is the bound the call may generate per choice: the
+    tokens reserved for it (also set as the request's ``max_completion_tokens`` when the client gave none).
+    """
+
+    request_id: str
+    principal: Principal
+    endpoint: Literal["chat.completions", "responses", "embeddings"]
+    deadline: float | None = None
+    max_tokens: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Usage:
+    """Token usage. The details are OpenAI's ``prompt_tokens_details`` / ``completion_tokens_details`` as a backend
+    reports them (cached, reasoning, audio tokens...), passed through as given; ``None`` when it reports none."""
+
     prompt_tokens: int
     completion_tokens: int
+    prompt_tokens_details: Mapping[str, Any] | None = None
+    completion_tokens_details: Mapping[str, Any] | None = None
 
     @property
     def total_tokens(self) -> int:
@@ -148,16 +171,23 @@ class Usage:
 
 @dataclass(frozen=True, slots=True)
 class ToolCall:
+    """A whole tool call. For a ``custom`` tool, ``arguments`` is its free-form ``input``."""
+
     id: str
     name: str
     arguments: str  # JSON text, as OpenAI sends it
+    type: Literal["function", "custom"] = "function"
 
 
 @dataclass(frozen=True, slots=True)
 class AssistantMessage:
+    """The answer of one choice. ``extra`` holds message fields we do not model (sent as they came)."""
+
     content: str | None
     tool_calls: tuple[ToolCall, ...] = ()
     refusal: str | None = None
+    reasoning_content: str | None = None
+    extra: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,17 +210,22 @@ class ChatResult:
 
 @dataclass(frozen=True, slots=True)
 class ToolCallDelta:
+    """A streamed piece of a tool call: the first piece of a call carries its ``id``, ``type`` and ``name``."""
+
     index: int
     id: str | None = None
     name: str | None = None
     arguments: str | None = None
+    type: Literal["function", "custom"] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class ChatChunk:
     """One streamed piece of one choice; or, with ``usage`` set and nothing else, the final usage.
 
-    The first chunk of a choice carries ``role="assistant"``; its last carries ``finish_reason``.
+    The first chunk of a choice carries ``role="assistant"``; its last carries ``finish_reason``. What an upstream
+    sends is kept: ``model`` (the model that answered), ``system_fingerprint``, ``reasoning_content`` and, in
+    ``extra``, delta fields we do not model (sent in the delta as they came).
     """
 
     index: int = 0
@@ -201,11 +236,17 @@ class ChatChunk:
     finish_reason: str | None = None
     logprobs: dict[str, Any] | None = None
     usage: Usage | None = None
+    reasoning_content: str | None = None
+    model: str | None = None
+    system_fingerprint: str | None = None
+    extra: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class EmbeddingResult:
-    vectors: tuple[tuple[float, ...], ...]
+    """One vector per input, in order. ``model``: the model that answered, when it differs from the one asked."""
+
+    vectors: Sequence[Sequence[float]]
     prompt_tokens: int
     model: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    extra: Mapping[str, Any] = field(default_factory=dict)
