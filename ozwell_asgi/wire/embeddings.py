@@ -44,9 +44,10 @@ class EmbeddingRequest(BaseModel):
         value = self.input
         if isinstance(value, str):
             return [value]
-        if value and isinstance(value[0], int):
-            return [value]  # type: ignore[list-item]
-        return list(value)
+        if isinstance(value[0], int):
+            return [value]
+        items: list[str | list[int]] = [*value]
+        return items
 
 
 def parse_embedding_request(body: bytes | str) -> EmbeddingRequest:
