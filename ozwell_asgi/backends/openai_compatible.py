@@ -1,0 +1,817 @@
+"""A backend that forwards to any OpenAI-compatible server: vLLM, Ollama, OpenAI, another ozwell-asgi.
+
+    backend = OpenAICompatibleBackend("http://127.0.0.1:11434/v1")          # Ollama
+    backend = OpenAICompatibleBackend("https://api.openai.com/v1", api_key=OPENAI_API_KEY)
+
+Guarantees:
+
+- One pooled ``httpx.AsyncClient`` per backend, made on first use and closed by :meth:`aclose`.
+- A stream is parsed as its bytes arrive and each upstream chunk is yielded at once; nothing is re-buffered. No
+  SSE line and no event may exceed ``max_event_size``; no whole (non-stream) answer may exceed
+  ``max_response_size``; error bodies are read up to 64 KiB. Past a cap the call fails with a 502.
+- Closing the stream (``aclose``, which the app does when its client goes away) closes the upstream connection at
+  once, so the upstream stops generating.
+- Failures before the first byte of an answer (connection refused or reset, 502/503/504) are retried
+  ``connect_retries`` times, ``backoff`` seconds apart and doubling, never past ``call.deadline``; nothing is
+  retried once an answer has begun.
+- Errors reach the client in our envelope: the upstream's 4xx with its status, message, ``param``, ``code`` and
+  ``type``; its 401/403 (this server's credentials refused: the operator's misconfiguration), 404/405 on an
+  endpoint (a wrong ``base_url``), 5xx, a connection failure or a malformed answer as 502 ``upstream_error``; a
+  timeout (or the upstream's 408/504) as 504 ``upstream_timeout``. No message carries the upstream URL or key.
+"""
+
+from __future__ import annotations
+
+import base64
+import fnmatch
+import logging
+import re
+import struct
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, Literal
+
+import anyio
+import httpx
+from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic_core import from_json, to_json
+
+from ..errors import BadGatewayError, GatewayTimeoutError, InvalidRequestError, OzwellError
+from ..tokens import default_tokenizer
+from ..types import (
+    AssistantMessage,
+    Call,
+    ChatChoice,
+    ChatChunk,
+    ChatResult,
+    EmbeddingResult,
+    ModelInfo,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+)
+
+if TYPE_CHECKING:
+    from ..wire.chat import ChatCompletionRequest
+    from ..wire.embeddings import EmbeddingRequest
+
+__all__ = ["DEFAULT_TIMEOUT", "OpenAICompatibleBackend"]
+
+log = logging.getLogger("ozwell_asgi")
+
+# The official SDK's: a long read (a large non-streamed answer takes minutes), a short connect; and a bounded wait
+# for a free connection when the pool is full.
+DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=5.0, pool=30.0)
+DEFAULT_LIMITS = httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=30.0)
+
+MAX_EVENT_SIZE = 8 * 1024 * 1024  # one SSE line or event (a whole tool call arrives in one chunk from some servers)
+MAX_RESPONSE_SIZE = 256 * 1024 * 1024  # a whole answer: 2,048 embeddings of 3,072 floats as JSON fit
+MAX_ERROR_BODY = 64 * 1024  # what is read of an error answer
+MAX_MESSAGE = 2000  # characters of an upstream error message passed on
+MAX_MODELS = 10_000  # models kept from GET /models
+MAX_BACKOFF = 8.0  # seconds: the longest wait between two attempts
+MODELS_DEADLINE = 30.0  # seconds a model list fetch may take (requests wait for it)
+
+_RETRY_STATUSES = frozenset({502, 503, 504})
+_FINISH = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
+_EOL = re.compile(rb"\r\n?|\n")
+_DONE = b"[DONE]"
+
+
+# -- what an upstream sends (validated with pydantic, lax: servers differ in small ways) ---------------------------
+
+
+class _In(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class _UsageIn(_In):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    prompt_tokens_details: dict[str, Any] | None = None
+    completion_tokens_details: dict[str, Any] | None = None
+
+
+class _FunctionIn(_In):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _CustomIn(_In):
+    name: str | None = None
+    input: str | None = None
+
+
+class _ToolCallIn(_In):
+    index: int | None = None
+    id: str | None = None
+    type: str | None = None
+    function: _FunctionIn | None = None
+    custom: _CustomIn | None = None
+
+
+class _MessageIn(BaseModel):
+    """A delta or a whole message: fields we do not model stay in ``model_extra``."""
+
+    model_config = ConfigDict(extra="allow")
+
+    role: str | None = None
+    content: str | None = None
+    refusal: str | None = None
+    reasoning_content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[_ToolCallIn] | None = None
+
+
+class _ChoiceIn(_In):
+    index: int = 0
+    delta: _MessageIn | None = None
+    message: _MessageIn | None = None
+    logprobs: dict[str, Any] | None = None
+    finish_reason: str | None = None
+
+
+class _ChatIn(_In):
+    """A chat.completion or a chat.completion.chunk; or an error (``{"error": …}``, or vLLM's older
+    ``{"object": "error", "message": …}``)."""
+
+    object: str | None = None
+    model: str | None = None
+    system_fingerprint: str | None = None
+    choices: list[_ChoiceIn] = []
+    usage: _UsageIn | None = None
+    error: Any = None
+    message: Any = None
+
+
+class _EmbeddingIn(_In):
+    index: int | None = None
+    embedding: list[float] | str
+
+
+class _EmbeddingUsageIn(_In):
+    prompt_tokens: int = 0
+
+
+class _EmbeddingsIn(_In):
+    object: str | None = None
+    data: list[_EmbeddingIn] = []
+    model: str | None = None
+    usage: _EmbeddingUsageIn | None = None
+    error: Any = None
+    message: Any = None
+
+
+class _ModelIn(_In):
+    id: str
+    created: int | None = None
+    owned_by: str | None = None
+
+
+class _ModelsIn(_In):
+    data: list[_ModelIn]
+
+
+# -- SSE --------------------------------------------------------------------------------------------------------
+
+
+class SSEDecoder:
+    """Incremental server-sent events: :meth:`feed` bytes as they arrive, get the complete events' ``(event,
+    data)`` back. Lines end with LF, CRLF or CR; comments, ``id`` and ``retry`` are skipped. Bounded: a line or an
+    event over ``max_size`` bytes raises :class:`BadGatewayError`."""
+
+    __slots__ = ("_after_cr", "_buffer", "_data", "_event", "_size", "max_size")
+
+    def __init__(self, max_size: int = MAX_EVENT_SIZE) -> None:
+        self.max_size = max_size
+        self._buffer = bytearray()
+        self._data: list[bytes] = []
+        self._event = b""
+        self._size = 0
+        self._after_cr = False
+
+    def feed(self, piece: bytes) -> list[tuple[bytes, bytes]]:
+        if self._after_cr:
+            self._after_cr = False
+            if piece[:1] == b"\n":
+                piece = piece[1:]
+        buffer = self._buffer
+        buffer += piece
+        events: list[tuple[bytes, bytes]] = []
+        pos = 0
+        end = len(buffer)
+        while pos < end:
+            match = _EOL.search(buffer, pos)
+            if match is None:
+                break
+            if match.end() == end and buffer[end - 1] == 0x0D:  # a CR last: its LF may be in the next piece
+                self._after_cr = True
+            self._line(bytes(buffer[pos : match.start()]), events)
+            pos = match.end()
+        if pos:
+            del buffer[:pos]
+        if len(buffer) > self.max_size:
+            raise BadGatewayError("The upstream model server sent an over-long stream line.")
+        return events
+
+    def close(self) -> list[tuple[bytes, bytes]]:
+        """The events still pending at the end of the stream (a last line or event with no terminator)."""
+        events: list[tuple[bytes, bytes]] = []
+        if self._buffer:
+            self._line(bytes(self._buffer), events)
+            self._buffer.clear()
+        self._line(b"", events)
+        return events
+
+    def _line(self, line: bytes, events: list[tuple[bytes, bytes]]) -> None:
+        if not line:
+            if self._data:
+                events.append((self._event, b"\n".join(self._data)))
+            self._data = []
+            self._event = b""
+            self._size = 0
+            return
+        if line[0] == 0x3A:  # ":" a comment (keep-alive)
+            return
+        field, colon, value = line.partition(b":")
+        if colon and value[:1] == b" ":
+            value = value[1:]
+        if field == b"data":
+            self._size += len(value) + 1
+            if self._size > self.max_size:
+                raise BadGatewayError("The upstream model server sent an over-long stream event.")
+            self._data.append(value)
+        elif field == b"event":
+            self._event = value
+
+
+# -- mapping upstream shapes to ours ------------------------------------------------------------------------------
+
+
+def _usage(usage: _UsageIn | None) -> Usage | None:
+    if usage is None:
+        return None
+    return Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        prompt_tokens_details=usage.prompt_tokens_details,
+        completion_tokens_details=usage.completion_tokens_details,
+    )
+
+
+def _kind(call: _ToolCallIn) -> Literal["function", "custom"] | None:
+    if call.type == "custom" or (call.type is None and call.custom is not None):
+        return "custom"
+    return "function" if call.type is not None else None
+
+
+def _tool_call_delta(position: int, call: _ToolCallIn) -> ToolCallDelta:
+    if call.custom is not None:
+        name, arguments = call.custom.name, call.custom.input
+    elif call.function is not None:
+        name, arguments = call.function.name, call.function.arguments
+    else:
+        name = arguments = None
+    return ToolCallDelta(
+        index=call.index if call.index is not None else position,
+        id=call.id,
+        name=name,
+        arguments=arguments,
+        type=_kind(call),
+    )
+
+
+def _tool_call(call: _ToolCallIn) -> ToolCall:
+    if call.custom is not None or call.type == "custom":
+        custom = call.custom or _CustomIn()
+        return ToolCall(id=call.id or "", name=custom.name or "", arguments=custom.input or "", type="custom")
+    function = call.function or _FunctionIn()
+    return ToolCall(id=call.id or "", name=function.name or "", arguments=function.arguments or "")
+
+
+def _reasoning_and_extra(message: _MessageIn) -> tuple[str | None, dict[str, Any] | None]:
+    """``reasoning_content`` (or ``reasoning``, its newer name), and the fields we do not model (``None`` values
+    and empty ``annotations`` dropped)."""
+    reasoning = message.reasoning_content if message.reasoning_content is not None else message.reasoning
+    extra: dict[str, Any] | None = None
+    raw = message.model_extra
+    if raw:
+        extra = {k: v for k, v in raw.items() if v is not None and not (k == "annotations" and v == [])} or None
+    if message.reasoning is not None and message.reasoning_content not in (None, message.reasoning):
+        extra = {**(extra or {}), "reasoning": message.reasoning}
+    return reasoning, extra
+
+
+def _chunks(chunk: _ChatIn) -> Iterable[ChatChunk]:
+    """One ChatChunk per choice of an upstream chunk (its usage is taken apart by the caller)."""
+    for choice in chunk.choices:
+        delta = choice.delta or choice.message or _MessageIn()
+        reasoning, extra = _reasoning_and_extra(delta)
+        calls = tuple(_tool_call_delta(i, c) for i, c in enumerate(delta.tool_calls or ()))
+        if (
+            delta.role is None
+            and delta.content is None
+            and not calls
+            and delta.refusal is None
+            and reasoning is None
+            and extra is None
+            and choice.finish_reason is None
+            and choice.logprobs is None
+        ):
+            continue  # an empty delta: nothing to pass on
+        yield ChatChunk(
+            index=choice.index,
+            role="assistant" if delta.role == "assistant" else None,
+            content=delta.content,
+            tool_calls=calls,
+            refusal=delta.refusal,
+            finish_reason=choice.finish_reason,
+            logprobs=choice.logprobs,
+            reasoning_content=reasoning,
+            model=chunk.model,
+            system_fingerprint=chunk.system_fingerprint,
+            extra=extra,
+        )
+
+
+def _result(answer: _ChatIn) -> ChatResult:
+    choices = []
+    for choice in answer.choices:
+        message = choice.message or _MessageIn()
+        reasoning, extra = _reasoning_and_extra(message)
+        finish = choice.finish_reason if choice.finish_reason in _FINISH else "stop"
+        choices.append(
+            ChatChoice(
+                index=choice.index,
+                message=AssistantMessage(
+                    content=message.content,
+                    tool_calls=tuple(_tool_call(c) for c in message.tool_calls or ()),
+                    refusal=message.refusal,
+                    reasoning_content=reasoning,
+                    extra=extra,
+                ),
+                finish_reason=finish,  # type: ignore[arg-type]
+                logprobs=choice.logprobs,
+            )
+        )
+    return ChatResult(
+        choices=tuple(choices),
+        usage=_usage(answer.usage),
+        model=answer.model,
+        system_fingerprint=answer.system_fingerprint,
+    )
+
+
+def _error_fields(body: object) -> tuple[str, str | None, str | None, str | None] | None:
+    """(message, type, param, code) of an OpenAI error body (or vLLM's older flat form); None for anything else."""
+    if not isinstance(body, dict):
+        return None
+    error = body.get("error")
+    if isinstance(error, str) and error:
+        return error, None, None, None
+    if not isinstance(error, dict):
+        if body.get("object") == "error":
+            error = body
+        else:
+            return None
+    message = error.get("message")
+    if not isinstance(message, str) or not message:
+        return None
+
+    def text(key: str) -> str | None:
+        value = error.get(key)
+        return value if isinstance(value, str) and value else None
+
+    return message, text("type"), text("param"), text("code")
+
+
+def _decode_vector(value: list[float] | str) -> list[float]:
+    if isinstance(value, list):
+        return value
+    raw = base64.b64decode(value, validate=True)
+    if len(raw) % 4:
+        raise ValueError("not float32")
+    return list(struct.unpack(f"<{len(raw) // 4}f", raw))
+
+
+# -- the backend ------------------------------------------------------------------------------------------------
+
+
+class OpenAICompatibleBackend:
+    """Chat and embeddings from an OpenAI-compatible server at ``base_url`` (ending in ``/v1``, usually).
+
+    ``token_param`` names the field that carries the completion bound upstream (``"max_tokens"`` for servers that
+    predate ``max_completion_tokens``). ``embedding_models`` are ``fnmatch`` patterns of the upstream's model ids
+    that are embedding models (every other id is a chat model). ``models_ttl`` is how long the model list is
+    cached; ``clock`` measures it. ``client``: an ``httpx.AsyncClient`` of yours to use instead of ours (then
+    ``timeout`` and ``limits`` are its own, and :meth:`aclose` leaves it open).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        api_key: str | None = None,
+        *,
+        timeout: httpx.Timeout = DEFAULT_TIMEOUT,
+        limits: httpx.Limits = DEFAULT_LIMITS,
+        connect_retries: int = 2,
+        backoff: float = 0.25,
+        models_ttl: float = 60.0,
+        token_param: str = "max_completion_tokens",
+        embedding_models: Sequence[str] = ("*embed*",),
+        max_event_size: int = MAX_EVENT_SIZE,
+        max_response_size: int = MAX_RESPONSE_SIZE,
+        client: httpx.AsyncClient | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if connect_retries < 0 or backoff < 0 or models_ttl < 0:
+            raise ValueError("connect_retries, backoff and models_ttl must not be negative")
+        base = base_url.rstrip("/")
+        parsed = httpx.URL(base)
+        if parsed.scheme not in ("http", "https") or not parsed.host:
+            raise ValueError("base_url must be an http:// or https:// URL")
+        self.base_url = base
+        self._chat_url = base + "/chat/completions"
+        self._embeddings_url = base + "/embeddings"
+        self._models_url = base + "/models"
+        self._timeout = timeout
+        self._limits = limits
+        self._connect_retries = connect_retries
+        self._backoff = backoff
+        self._models_ttl = models_ttl
+        self._token_param = token_param
+        self._embedding_models = tuple(embedding_models)
+        self._max_event_size = max_event_size
+        self._max_response_size = max_response_size
+        self._client = client
+        self._owns_client = client is None
+        self._clock = clock
+        headers = {"content-type": "application/json", "user-agent": "ozwell-asgi"}
+        if api_key:
+            headers["authorization"] = f"Bearer {api_key}"
+        self._headers = headers
+        self._stream_headers = {**headers, "accept": "text/event-stream", "accept-encoding": "identity"}
+        # What a message passed on from the upstream must not contain.
+        netloc = parsed.netloc.decode()
+        key = api_key if api_key and len(api_key) >= 8 else None  # a dummy key ("ollama") is no secret
+        self._secrets = tuple(s for s in (key, base, f"{parsed.scheme}://{netloc}", netloc) if s)
+        self._models: tuple[ModelInfo, ...] | None = None
+        self._models_expire = 0.0
+        self._models_lock: anyio.Lock | None = None
+
+    # -- lifecycle --------------------------------------------------------------------------------------------
+
+    def _http(self) -> httpx.AsyncClient:
+        client = self._client
+        if client is None:
+            client = self._client = httpx.AsyncClient(timeout=self._timeout, limits=self._limits)
+        return client
+
+    async def aclose(self) -> None:
+        """Close the connection pool (a client passed in is left to its owner). The backend can be used again."""
+        client, self._client = self._client, None
+        if client is not None and self._owns_client:
+            await client.aclose()
+        elif not self._owns_client:
+            self._client = client
+
+    # -- models -----------------------------------------------------------------------------------------------
+
+    async def list_models(self) -> Sequence[ModelInfo]:
+        """The upstream's models (GET /models), cached for ``models_ttl`` seconds; one fetch at a time. If a
+        refresh fails while an older list is cached, the older list is served and the refresh retried 5 s later."""
+        models = self._models
+        if models is not None and self._clock() < self._models_expire:
+            return models
+        if self._models_lock is None:
+            self._models_lock = anyio.Lock()
+        async with self._models_lock:
+            if self._models is not None and self._clock() < self._models_expire:
+                return self._models
+            try:
+                models = await self._fetch_models()
+            except OzwellError:
+                if self._models is None:
+                    raise
+                log.warning("the upstream model list could not be refreshed; serving the cached one")
+                self._models_expire = self._clock() + min(self._models_ttl, 5.0)
+                return self._models
+            self._models = models
+            self._models_expire = self._clock() + self._models_ttl
+            return models
+
+    async def _fetch_models(self) -> tuple[ModelInfo, ...]:
+        deadline = anyio.current_time() + MODELS_DEADLINE
+        async with self._exchange("GET", self._models_url, None, self._headers, deadline, whole=True) as response:
+            body = await self._read(response)
+        try:
+            listing = _ModelsIn.model_validate_json(body)
+        except ValidationError:
+            raise BadGatewayError("The upstream model server sent a malformed model list.") from None
+        models = []
+        for item in listing.data[:MAX_MODELS]:
+            kind: Literal["chat", "embedding"] = "chat"
+            if any(fnmatch.fnmatchcase(item.id, p) for p in self._embedding_models):
+                kind = "embedding"
+            owner = item.owned_by or "upstream"
+            models.append(ModelInfo(id=item.id, owned_by=owner, created=item.created or 0, kind=kind))
+        return tuple(models)
+
+    # -- chat -------------------------------------------------------------------------------------------------
+
+    def _chat_body(self, request: ChatCompletionRequest, call: Call, stream: bool) -> bytes:
+        payload = request.model_dump(mode="json", exclude_none=True, by_alias=True)
+        bound = request.effective_max_tokens
+        if call.max_tokens is not None:
+            bound = call.max_tokens if bound is None else min(bound, call.max_tokens)
+        if bound is not None:
+            payload.pop("max_tokens", None)
+            payload.pop("max_completion_tokens", None)
+            payload[self._token_param] = bound
+        payload["stream"] = stream
+        if stream:
+            payload["stream_options"] = {**payload.get("stream_options", {}), "include_usage": True}
+        else:
+            payload.pop("stream_options", None)
+        return to_json(payload)
+
+    async def stream_chat(self, request: ChatCompletionRequest, call: Call) -> AsyncIterator[ChatChunk]:
+        """POST /chat/completions with ``stream: true``; a ChatChunk per choice of each upstream chunk, as it
+        arrives, then the usage. An error frame from the upstream, a malformed or truncated stream: 502."""
+        body = self._chat_body(request, call, stream=True)
+        headers = {**self._stream_headers, "x-request-id": call.request_id}
+        async with self._exchange("POST", self._chat_url, body, headers, call.deadline) as response:
+            content_type = response.headers.get("content-type", "")
+            if not content_type.startswith("text/event-stream"):
+                answer = self._parse_chat(await self._read(response))
+                raise self._answer_error(answer) or BadGatewayError(
+                    "The upstream model server did not stream its answer."
+                )
+            decoder = SSEDecoder(self._max_event_size)
+            usage: Usage | None = None
+            open_choices: set[int] = set()
+            seen = False
+            try:
+                async for piece in response.aiter_bytes():
+                    for kind, data in decoder.feed(piece):
+                        if data == _DONE:
+                            if usage is not None:
+                                yield ChatChunk(usage=usage)
+                            return
+                        chunk = self._stream_event(kind, data)
+                        if chunk.usage is not None:
+                            usage = _usage(chunk.usage)
+                        for out in _chunks(chunk):
+                            seen = True
+                            if out.finish_reason is None:
+                                open_choices.add(out.index)
+                            else:
+                                open_choices.discard(out.index)
+                            yield out
+            except httpx.TimeoutException:
+                raise GatewayTimeoutError("The upstream model server stopped sending its answer.") from None
+            except httpx.HTTPError:
+                raise BadGatewayError("The upstream model server's answer broke off.") from None
+            for kind, data in decoder.close():
+                if data != _DONE:
+                    self._stream_event(kind, data)  # an error frame or malformed data still counts
+            # Ended without [DONE]: complete only if every choice finished.
+            if not seen or open_choices:
+                raise BadGatewayError("The upstream model server's answer broke off.")
+            if usage is not None:
+                yield ChatChunk(usage=usage)
+
+    def _stream_event(self, kind: bytes, data: bytes) -> _ChatIn:
+        if kind == b"error":
+            try:
+                fields = _error_fields(from_json(data))
+            except ValueError:
+                fields = None
+            raise BadGatewayError(self._clean(fields[0]) if fields else "The upstream model server failed.")
+        try:
+            chunk = _ChatIn.model_validate_json(data)
+        except ValidationError:
+            raise BadGatewayError("The upstream model server sent a malformed stream.") from None
+        error = self._answer_error(chunk)
+        if error is not None:
+            raise error
+        return chunk
+
+    def _answer_error(self, answer: _ChatIn | _EmbeddingsIn) -> OzwellError | None:
+        """The error an answer carries instead of a result (``{"error": …}`` in a 200 or a stream frame)."""
+        if answer.error is None and getattr(answer, "object", None) != "error":
+            return None
+        body = {"error": answer.error} if answer.error is not None else {"object": "error", "message": answer.message}
+        fields = _error_fields(body)
+        return BadGatewayError(self._clean(fields[0]) if fields else "The upstream model server failed.")
+
+    def _parse_chat(self, body: bytes | bytearray) -> _ChatIn:
+        try:
+            return _ChatIn.model_validate_json(body)
+        except ValidationError:
+            raise BadGatewayError("The upstream model server sent a malformed answer.") from None
+
+    async def complete_chat(self, request: ChatCompletionRequest, call: Call) -> ChatResult:
+        """POST /chat/completions with ``stream: false``: the whole answer, read within ``max_response_size``."""
+        body = self._chat_body(request, call, stream=False)
+        headers = {**self._headers, "x-request-id": call.request_id}
+        async with self._exchange("POST", self._chat_url, body, headers, call.deadline, whole=True) as response:
+            answer = self._parse_chat(await self._read(response))
+        error = self._answer_error(answer)
+        if error is not None:
+            raise error
+        if not answer.choices:
+            raise BadGatewayError("The upstream model server sent an answer without choices.")
+        return _result(answer)
+
+    # -- embeddings -------------------------------------------------------------------------------------------
+
+    async def embed(self, request: EmbeddingRequest, call: Call) -> EmbeddingResult:
+        """POST /embeddings asking for floats (the route encodes base64 itself); vectors in input order."""
+        payload = request.model_dump(mode="json", exclude_none=True)
+        payload["encoding_format"] = "float"
+        headers = {**self._headers, "x-request-id": call.request_id}
+        async with self._exchange(
+            "POST", self._embeddings_url, to_json(payload), headers, call.deadline, whole=True
+        ) as response:
+            body = await self._read(response)
+        try:
+            answer = _EmbeddingsIn.model_validate_json(body)
+        except ValidationError:
+            raise BadGatewayError("The upstream model server sent malformed embeddings.") from None
+        error = self._answer_error(answer)
+        if error is not None:
+            raise error
+        inputs = request.inputs()
+        if len(answer.data) != len(inputs):
+            raise BadGatewayError("The upstream model server sent a wrong number of embeddings.")
+        slots: list[list[float] | None] = [None] * len(inputs)
+        try:
+            for position, item in enumerate(answer.data):
+                index = item.index if item.index is not None else position
+                if not 0 <= index < len(inputs) or slots[index] is not None:
+                    raise ValueError("bad index")
+                slots[index] = _decode_vector(item.embedding)
+        except (ValueError, struct.error):
+            raise BadGatewayError("The upstream model server sent malformed embeddings.") from None
+        vectors = [v for v in slots if v is not None]  # all of them: as many as inputs, each index once
+        if request.dimensions is not None and any(len(v) != request.dimensions for v in vectors):
+            raise InvalidRequestError(
+                f"The model `{request.model}` does not support 'dimensions'.", param="dimensions", code=None
+            )
+        if answer.usage is not None:
+            tokens = answer.usage.prompt_tokens
+        else:
+            tokenizer = default_tokenizer()
+            tokens = sum(tokenizer.count(i) if isinstance(i, str) else len(i) for i in inputs)
+        return EmbeddingResult(vectors=vectors, prompt_tokens=tokens, model=answer.model)
+
+    # -- HTTP -------------------------------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _exchange(
+        self,
+        method: str,
+        url: str,
+        body: bytes | None,
+        headers: Mapping[str, str],
+        deadline: float | None,
+        *,
+        whole: bool = False,
+    ) -> AsyncIterator[httpx.Response]:
+        """A 2xx response whose body is still unread, closed on exit. Failures before its first byte are retried;
+        error statuses become our errors. ``deadline`` bounds getting the response (and, ``whole``, reading it)."""
+        if deadline is None:
+            response = await self._send(method, url, body, headers, None)
+        else:
+            with anyio.CancelScope(deadline=deadline) as scope:
+                response = await self._send(method, url, body, headers, deadline)
+            if scope.cancelled_caught:
+                raise GatewayTimeoutError("The upstream model server did not answer in time.")
+        try:
+            if whole and deadline is not None:
+                with anyio.CancelScope(deadline=deadline) as scope:
+                    yield response
+                if scope.cancelled_caught:
+                    raise GatewayTimeoutError("The upstream model server did not answer in time.")
+            else:
+                yield response
+        finally:
+            with anyio.CancelScope(shield=True):
+                await response.aclose()
+
+    async def _send(
+        self, method: str, url: str, body: bytes | None, headers: Mapping[str, str], deadline: float | None
+    ) -> httpx.Response:
+        """The first 2xx response (body unread), retrying failures before its first byte; our error otherwise."""
+        client = self._http()
+        attempt = 0
+        while True:
+            error: OzwellError
+            request = client.build_request(method, url, content=body, headers=headers)
+            try:
+                response = await client.send(request, stream=True)
+            except httpx.ConnectTimeout:
+                error = GatewayTimeoutError("Connecting to the upstream model server timed out.")
+            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+                error = BadGatewayError("Could not reach the upstream model server.")
+            except httpx.TimeoutException:
+                raise GatewayTimeoutError("The upstream model server did not answer in time.") from None
+            except httpx.HTTPError:
+                raise BadGatewayError("Could not reach the upstream model server.") from None
+            else:
+                status = response.status_code
+                if 200 <= status < 300:
+                    return response
+                try:
+                    data = await self._read(response, MAX_ERROR_BODY, truncate=True)
+                except OzwellError:
+                    data = bytearray()
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await response.aclose()
+                error = self._status_error(status, data, response.headers)
+                if status not in _RETRY_STATUSES:
+                    raise error
+            if not await self._wait_to_retry(attempt, deadline):
+                raise error
+            attempt += 1
+
+    async def _wait_to_retry(self, attempt: int, deadline: float | None) -> bool:
+        if attempt >= self._connect_retries:
+            return False
+        delay = min(self._backoff * 2**attempt, MAX_BACKOFF)
+        if deadline is not None and anyio.current_time() + delay >= deadline:
+            return False
+        await anyio.sleep(delay)
+        return True
+
+    async def _read(self, response: httpx.Response, cap: int | None = None, *, truncate: bool = False) -> bytearray:
+        """The body, up to ``cap`` bytes (``max_response_size`` by default): past it, cut (``truncate``) or 502."""
+        limit = self._max_response_size if cap is None else cap
+        data = bytearray()
+        try:
+            async for piece in response.aiter_bytes():
+                data += piece
+                if len(data) > limit:
+                    if truncate:
+                        return data[:limit]
+                    raise BadGatewayError("The upstream model server's answer is too large.")
+        except httpx.TimeoutException:
+            raise GatewayTimeoutError("The upstream model server stopped sending its answer.") from None
+        except httpx.HTTPError:
+            raise BadGatewayError("The upstream model server's answer broke off.") from None
+        return data
+
+    def _clean(self, message: str) -> str:
+        """An upstream message fit to pass on: bounded, with no trace of the upstream URL or key."""
+        message = message[:MAX_MESSAGE]
+        for secret in self._secrets:
+            message = message.replace(secret, "[upstream]")
+        return message
+
+    def _status_error(self, status: int, body: bytes | bytearray, headers: httpx.Headers) -> OzwellError:
+        """Our error for an upstream's non-2xx answer."""
+        try:
+            fields = _error_fields(from_json(body)) if body else None
+        except ValueError:
+            fields = None
+        if status in (401, 403):
+            return BadGatewayError(
+                f"The upstream model server refused this server's credentials (HTTP {status}): the server's "
+                "upstream API key is missing, wrong or lacks access. Only its operator can fix this."
+            )
+        if status in (408, 504):
+            return GatewayTimeoutError(f"The upstream model server timed out (HTTP {status}).")
+        if status >= 500 or status < 400:
+            return BadGatewayError(f"The upstream model server failed (HTTP {status}).")
+        if status == 429:
+            # The message would describe this server's own account upstream: say less, keep the retry hints.
+            hints = [(k, v) for k in ("retry-after", "retry-after-ms") if (v := headers.get(k)) is not None]
+            code = fields[3] if fields else None
+            return OzwellError(
+                "The upstream model server is refusing requests for now (rate limit or quota). Please retry later.",
+                status=429,
+                type="rate_limit_error",
+                code=code or "rate_limit_exceeded",
+                headers=hints,
+            )
+        if status in (404, 405) and not (fields and self._about_model(fields)):
+            return BadGatewayError(f"The upstream model server has no such endpoint (HTTP {status}).")
+        if fields is None:
+            return OzwellError(
+                f"The upstream model server rejected the request (HTTP {status}).",
+                status=status,
+                type="invalid_request_error",
+                code=None,
+            )
+        message, kind, param, code = fields
+        return OzwellError(
+            self._clean(message), status=status, type=kind or "invalid_request_error", param=param, code=code
+        )
+
+    @staticmethod
+    def _about_model(fields: tuple[str, str | None, str | None, str | None]) -> bool:
+        message, _, param, code = fields
+        return code == "model_not_found" or param == "model" or "model" in message.lower()
