@@ -37,6 +37,9 @@ class Settings:
     ``max_choices``: largest ``n`` (OpenAI's own limit is 128), else 400 (``param`` ``n``).
     ``call_timeout``: seconds a backend call may take; it is the call's ``deadline`` (a router stops trying
     fallbacks past it).
+    ``stream_keepalive``: seconds a stream waits for the backend's first chunk before the response starts anyway,
+    with ``: ping`` comments at this interval until the chunk comes, so intermediaries do not cut a slow stream
+    (0: never; the client then waits for the first chunk, and a failure before it keeps its HTTP status).
     ``offload_parse_above``: bodies larger than this (bytes) are parsed and counted in a worker thread, so one large
     admitted request does not stall every other client on the event loop.
     """
@@ -49,6 +52,7 @@ class Settings:
     max_choices: int = 128
     offload_parse_above: int = 1024 * 1024
     call_timeout: float = 600.0
+    stream_keepalive: float = 15.0
 
     def __post_init__(self) -> None:
         for name in ("max_body_size", "default_completion_reserve", "max_messages", "max_content_parts", "max_choices"):
@@ -56,6 +60,8 @@ class Settings:
                 raise ValueError(f"Settings.{name} must be >= 1")
         if self.body_idle_timeout <= 0 or self.call_timeout <= 0:
             raise ValueError("Settings.body_idle_timeout and Settings.call_timeout must be > 0")
+        if self.stream_keepalive < 0:
+            raise ValueError("Settings.stream_keepalive must be >= 0")
         if self.offload_parse_above < 0:
             raise ValueError("Settings.offload_parse_above must be >= 0")
 

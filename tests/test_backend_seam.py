@@ -5,14 +5,19 @@ usage details, unknown delta fields, the tool call's kind), in bodies that valid
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import anyio
+import httpx2
+import openai
 import pytest
 
-from ozwell_asgi import OzwellAPI
+from ozwell_asgi import OzwellAPI, Settings
+from ozwell_asgi.errors import BadGatewayError
 from ozwell_asgi.types import Call, ChatChunk, ChatResult, EmbeddingResult, ModelInfo, ToolCallDelta, Usage
-from tests.harness import async_openai, raw_client
+from tests.harness import async_openai, raw_client, uvicorn_server
 from tests.openai_schema import validate
 
 pytestmark = pytest.mark.anyio
@@ -201,3 +206,86 @@ async def test_the_official_sdk_reads_folded_tool_calls() -> None:
     assert calls[0].type == "function" and calls[0].function.arguments == '{"q": "x"}'  # type: ignore[union-attr]
     assert calls[1].type == "custom" and calls[1].custom.input == "ls -la"  # type: ignore[union-attr]
     await client.close()
+
+
+class SlowFirst(Models):
+    """Sleeps before its first chunk (an upstream slow to send its first token), then answers or fails."""
+
+    def __init__(self, delay: float, fail: bool = False) -> None:
+        self.delay = delay
+        self.fail = fail
+        self.closed = threading.Event()
+
+    async def list_models(self) -> Sequence[ModelInfo]:
+        return (ModelInfo(id="slow"),)
+
+    async def stream_chat(self, request: Any, call: Call) -> AsyncIterator[ChatChunk]:
+        try:
+            await anyio.sleep(self.delay)
+            if self.fail:
+                raise BadGatewayError("The upstream model server failed.")
+            yield ChatChunk(role="assistant", content="")
+            yield ChatChunk(content="late")
+            yield ChatChunk(finish_reason="stop")
+        finally:
+            self.closed.set()
+
+
+STREAM_BODY = {"model": "slow", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+
+
+async def test_keepalive_pings_while_the_first_chunk_is_slow() -> None:
+    api = OzwellAPI(secret=SECRET, backend=SlowFirst(0.35), settings=Settings(stream_keepalive=0.1))
+    _, key = await api.keys.create(name="t", owner="o", plan="pro")
+    async with raw_client(api) as http:
+        response = await http.post("/chat/completions", json=STREAM_BODY, headers={"authorization": f"Bearer {key}"})
+    assert response.status_code == 200
+    lines = [line for line in response.text.split("\n\n") if line]
+    pings = [line for line in lines if line == ": ping"]
+    assert 2 <= len(pings) <= 4
+    assert lines[: len(pings)] == pings  # all before the first chunk
+    assert lines[-1] == "data: [DONE]"
+    client = async_openai(api, key)
+    stream = await client.chat.completions.create(
+        model="slow", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == "late"
+    await client.close()
+
+
+async def test_a_fast_first_chunk_sends_no_ping_and_a_failure_keeps_its_status() -> None:
+    api = OzwellAPI(secret=SECRET, backend=SlowFirst(0.0, fail=True), settings=Settings(stream_keepalive=5))
+    _, key = await api.keys.create(name="t", owner="o", plan="pro")
+    async with raw_client(api) as http:
+        response = await http.post("/chat/completions", json=STREAM_BODY, headers={"authorization": f"Bearer {key}"})
+    assert response.status_code == 502
+    assert response.json()["error"]["code"] == "upstream_error"
+
+
+async def test_a_failure_after_the_pings_is_an_sse_error_frame() -> None:
+    backend = SlowFirst(0.25, fail=True)
+    api = OzwellAPI(secret=SECRET, backend=backend, settings=Settings(stream_keepalive=0.1))
+    _, key = await api.keys.create(name="t", owner="o", plan="pro")
+    client = async_openai(api, key, max_retries=0)
+    stream = await client.chat.completions.create(
+        model="slow", messages=[{"role": "user", "content": "hi"}], stream=True
+    )
+    with pytest.raises(openai.APIError, match="The upstream model server failed"):
+        async for _ in stream:
+            pass
+    assert backend.closed.is_set()
+    await client.close()
+
+
+async def test_a_client_gone_during_the_pings_closes_the_backend() -> None:
+    backend = SlowFirst(30)
+    api = OzwellAPI(secret=SECRET, backend=backend, settings=Settings(stream_keepalive=0.05))
+    _, key = await api.keys.create(name="t", owner="o", plan="pro")
+    with uvicorn_server(api, root_path="/v1") as base:
+        async with httpx2.AsyncClient(base_url=base) as http:
+            headers = {"authorization": f"Bearer {key}"}
+            async with http.stream("POST", "/chat/completions", json=STREAM_BODY, headers=headers) as response:
+                async for text in response.aiter_text():
+                    assert text.startswith(": ping")
+                    break
+        assert await anyio.to_thread.run_sync(backend.closed.wait, 2)

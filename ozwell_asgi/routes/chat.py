@@ -3,6 +3,8 @@ SSE → settle."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -20,7 +22,7 @@ from ..errors import InvalidRequestError, OzwellError, as_ozwell_error, error_bo
 from ..meter import Meter
 from ..protocols import ChatBackend
 from ..responses import JSONResponse
-from ..sse import DONE, SSEResponse, event
+from ..sse import DONE, PING, SSEResponse, event
 from ..tokens import count_chat_prompt, count_tool_call, remember_prompt
 from ..types import SCOPE_API, ChatChunk, ChatResult, Principal, ToolCall, Usage
 from ..wire.chat import ChatCompletionRequest, parse_chat_request
@@ -156,10 +158,21 @@ async def create_chat_completion(services: Services, request: Request) -> Any:
         return JSONResponse(render_completion(result, completion_id, created, model, usage), headers=headers)
 
     stream = backend.stream_chat(chat, call)
+    # Failures before the first chunk get a real HTTP status. A backend slow to send it (an upstream's first token)
+    # gets the response started after ``stream_keepalive`` seconds, with ": ping" comments until it comes.
+    first: ChatChunk | None | asyncio.Future[ChatChunk | None]
+    interval = services.settings.stream_keepalive
     try:
-        first = await anext(stream)  # failures before the first chunk get a real HTTP status
-    except StopAsyncIteration:
-        first = None
+        if interval:
+            waiting = asyncio.ensure_future(anext(stream, None))
+            try:
+                await asyncio.wait((waiting,), timeout=interval)
+            except BaseException:
+                waiting.cancel()
+                raise
+            first = waiting.result() if waiting.done() else waiting
+        else:
+            first = await anext(stream, None)
     except BaseException:
         await _aclose(stream)
         await meter.settle(0)
@@ -259,7 +272,7 @@ async def _frames(
     services: Services,
     chat: ChatCompletionRequest,
     stream: AsyncIterator[ChatChunk],
-    first: ChatChunk | None,
+    first: ChatChunk | None | asyncio.Future[ChatChunk | None],
     meter: Meter,
     completion_id: str,
     created: int,
@@ -277,7 +290,14 @@ async def _frames(
     usage: Usage | None = None
     counted = 0
     try:
-        chunk = first
+        if isinstance(first, asyncio.Future):
+            interval = services.settings.stream_keepalive
+            while not first.done():
+                yield PING
+                await asyncio.wait((first,), timeout=interval)
+            chunk = first.result()
+        else:
+            chunk = first
         while chunk is not None:
             # What the backend says of the answer holds from its chunk on (an upstream's model, its fingerprint).
             if chunk.model is not None and chunk.model != prefix["model"]:
@@ -328,4 +348,8 @@ async def _frames(
         await meter.settle(usage.total_tokens if usage else prompt_estimate + counted)
         raise
     finally:
+        if isinstance(first, asyncio.Future) and not first.done():
+            first.cancel()  # the client went away while the backend had not answered yet
+            with anyio.CancelScope(shield=True), contextlib.suppress(BaseException):
+                await first
         await _aclose(stream)
