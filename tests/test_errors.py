@@ -160,7 +160,7 @@ async def test_body_errors(api_and_key: tuple[OzwellAPI, str]) -> None:
 
         bad = {"model": "echo", "messages": [{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}]}
         response = await http.post("/chat/completions", json=bad, headers=auth)
-        assert response.status_code == 400 and envelope(response)["param"] == "messages.1.role"
+        assert response.status_code == 400 and envelope(response)["param"] == "messages[1].role"
 
         response = await http.post(
             "/chat/completions", json={"model": "echo", "messages": [], "temperature": 1}, headers=auth

@@ -9,7 +9,7 @@ import pytest
 from pydantic import ValidationError
 
 from ozwell_asgi.errors import InvalidRequestError
-from ozwell_asgi.wire._errors import INVALID_JSON_MESSAGE, clean_loc, invalid_request
+from ozwell_asgi.wire._errors import INVALID_JSON_MESSAGE, clean_loc, format_param, invalid_request
 from ozwell_asgi.wire.chat import (
     AssistantMessage,
     AudioContentPart,
@@ -231,8 +231,8 @@ def _body(**fields: Any) -> bytes:
 
 
 BAD: list[tuple[str, bytes, str | None, str | None]] = [
-    ("bad role", _body(messages=[{"role": "robot", "content": "x"}]), "messages.0.role", "invalid_value"),
-    ("missing role", _body(messages=[{"content": "x"}]), "messages.0.role", "missing_required_parameter"),
+    ("bad role", _body(messages=[{"role": "robot", "content": "x"}]), "messages[0].role", "invalid_value"),
+    ("missing role", _body(messages=[{"content": "x"}]), "messages[0].role", "missing_required_parameter"),
     ("temperature too high", _body(temperature=3), "temperature", "invalid_value"),
     ("temperature a string", _body(temperature="0.5"), "temperature", "invalid_type"),
     ("n zero", _body(n=0), "n", "invalid_value"),
@@ -246,19 +246,19 @@ BAD: list[tuple[str, bytes, str | None, str | None]] = [
     (
         "content wrong type",
         _body(messages=[USER, {"role": "user", "content": 5}]),
-        "messages.1.content",
+        "messages[1].content",
         "invalid_type",
     ),
     (
         "text part without text",
         _body(messages=[{"role": "user", "content": [{"type": "text"}]}]),
-        "messages.0.content.0.text",
+        "messages[0].content[0].text",
         "missing_required_parameter",
     ),
     (
         "unknown part type",
         _body(messages=[{"role": "user", "content": [{"type": "video"}]}]),
-        "messages.0.content.0.type",
+        "messages[0].content[0].type",
         "invalid_value",
     ),
     (
@@ -266,19 +266,19 @@ BAD: list[tuple[str, bytes, str | None, str | None]] = [
         _body(
             messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u", "detail": "max"}}]}]
         ),
-        "messages.0.content.0.image_url.detail",
+        "messages[0].content[0].image_url.detail",
         "invalid_value",
     ),
     (
         "tool without function name",
         _body(tools=[{"type": "function", "function": {"parameters": {}}}]),
-        "tools.0.function.name",
+        "tools[0].function.name",
         "missing_required_parameter",
     ),
     (
         "tool function name not a string",
         _body(tools=[{"type": "function", "function": {"name": 1}}]),
-        "tools.0.function.name",
+        "tools[0].function.name",
         "invalid_type",
     ),
     ("tool_choice bad string", _body(tool_choice="always"), "tool_choice", "invalid_value"),
@@ -309,7 +309,7 @@ BAD: list[tuple[str, bytes, str | None, str | None]] = [
     (
         "tool message without id",
         _body(messages=[{"role": "tool", "content": "x"}]),
-        "messages.0.tool_call_id",
+        "messages[0].tool_call_id",
         "missing_required_parameter",
     ),
     ("max_tokens not int", _body(max_tokens=1.5), "max_tokens", "invalid_type"),
@@ -368,7 +368,8 @@ def test_exact_messages_for_the_common_cases() -> None:
         "'developer', 'system', 'user', 'assistant', 'tool', and 'function'."
     )
     assert message(_body(messages=[USER, {"role": "user", "content": 5}])) == (
-        "Invalid type for 'messages.1.content': expected one of a string or an array, but got an integer instead."
+        "Invalid type for 'messages[1].content': expected one of a string or array of objects, but got an integer "
+        "instead."
     )
     assert message(_body(stop=["a"] * 5)) == (
         "Invalid 'stop': array too long. "
@@ -379,9 +380,15 @@ def test_exact_messages_for_the_common_cases() -> None:
 def test_error_cleaner_is_generic() -> None:
     # Labels pydantic adds (union members, discriminator tags) are dropped; body keys and indexes are kept.
     root = {"a": [{"b": {"c": 1}}]}
-    assert clean_loc(("a", 0, "tag", "b", "list[str]", "c"), root) == ["a", "0", "b", "c"]
-    assert clean_loc(("a", 0, "b", "missing"), root, keep_last=True) == ["a", "0", "b", "missing"]
-    assert clean_loc(("a", 0, "b", "missing"), root) == ["a", "0", "b"]
+    assert clean_loc(("a", 0, "tag", "b", "list[str]", "c"), root) == ["a", 0, "b", "c"]
+    assert clean_loc(("a", 0, "b", "missing"), root, keep_last=True) == ["a", 0, "b", "missing"]
+    assert clean_loc(("a", 0, "b", "missing"), root) == ["a", 0, "b"]
+    # OpenAI's spelling: indexes in brackets, keys after dots (a body key that looks like a number stays a key).
+    assert format_param(["a", 0, "b", "c"]) == "a[0].b.c"
+    assert format_param(["logit_bias", "50256"]) == "logit_bias.50256"
+    assert format_param(["tools", 1, "function", "name"]) == "tools[1].function.name"
+    assert format_param([]) is None
+    assert format_param(["metadata", "k" * 500]) == "metadata." + "k" * 100 + "..."
 
     from pydantic import BaseModel, Field
 
@@ -394,8 +401,8 @@ def test_error_cleaner_is_generic() -> None:
         wire = invalid_request(exc, {"items": [1, "x"]})
     else:  # pragma: no cover
         pytest.fail("expected a ValidationError")
-    assert (wire.param, wire.code) == ("items.1", "invalid_type")
-    assert wire.message == "Invalid type for 'items.1': expected an integer, but got a string instead."
+    assert (wire.param, wire.code) == ("items[1]", "invalid_type")
+    assert wire.message == "Invalid type for 'items[1]': expected an integer, but got a string instead."
 
 
 def test_chat_request_model_is_fast_path_model_validate_json() -> None:
