@@ -209,14 +209,14 @@ def _check_caps(chat: ChatCompletionRequest, settings: Settings) -> None:
             f"Invalid 'messages': array too long. Expected an array with maximum length {settings.max_messages}, "
             f"but got an array with length {len(messages)} instead.",
             param="messages",
-            code="array_above_max_length",
+            code="invalid_value",
         )
     if chat.choice_count > settings.max_choices:
         raise InvalidRequestError(
             f"Invalid 'n': integer above maximum value. Expected a value <= {settings.max_choices}, "
             f"but got {chat.choice_count} instead.",
             param="n",
-            code="integer_above_max_value",
+            code="invalid_value",
         )
     parts = 0
     for message in messages:
@@ -228,7 +228,7 @@ def _check_caps(chat: ChatCompletionRequest, settings: Settings) -> None:
             f"Too many content parts: this request has {parts}, the limit is {settings.max_content_parts} "
             "summed over all messages.",
             param="messages",
-            code="array_above_max_length",
+            code="invalid_value",
         )
 
 
