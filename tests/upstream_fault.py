@@ -48,7 +48,7 @@ import anyio
 
 from ozwell_asgi.types import Receive, Scope, Send
 
-MODELS = ("ok", "tools", "text-embedding-3-small", "nomic-embed-text", "bge-m3")
+MODELS = ("ok", "tools", "hang", "drop", "error-400", "text-embedding-3-small", "nomic-embed-text", "bge-m3")
 ANSWER = ("Hello", " from", " upstream")
 FINGERPRINT = "fp_fault"
 
