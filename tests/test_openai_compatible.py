@@ -526,11 +526,16 @@ async def test_embeddings_failures(backend: OpenAICompatibleBackend) -> None:
 # ------------------------------------------------------------------------------------------------- lifecycle, SSE
 
 
-async def test_one_pooled_client_closed_by_aclose(backend: OpenAICompatibleBackend) -> None:
+async def test_one_pooled_client_closed_by_aclose(backend: OpenAICompatibleBackend, fault: FaultUpstream) -> None:
+    await backend.list_models()  # its answer sets a cookie, which no later request may carry
     await collect(backend, chat("ok"))
     client = backend._client
+    await collect(backend, chat("ok"))
     await backend.complete_chat(chat("ok", stream=False), call())
     assert backend._client is client is not None
+    ports = {r.client_port for r in fault.received}
+    assert len(ports) == 1, "a finished stream must leave its connection to the next request"
+    assert not any("cookie" in r.headers for r in fault.received)
     await backend.aclose()
     assert client.is_closed and backend._client is None
     assert text(await collect(backend, chat("ok"))) == "".join(ANSWER)  # usable again

@@ -69,6 +69,7 @@ class Received:
     path: str
     headers: dict[str, str]
     body: Any
+    client_port: int
     disconnected: threading.Event = field(default_factory=threading.Event)
 
 
@@ -269,7 +270,7 @@ class FaultUpstream:
                 break
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         body = json.loads(raw) if raw else None
-        record = Received(scope["method"], scope["path"], headers, body)
+        record = Received(scope["method"], scope["path"], headers, body, scope["client"][1])
         with self._lock:
             self.received.append(record)
         host = headers.get("host", "")
@@ -289,7 +290,7 @@ class FaultUpstream:
             await ex.json(self.models_status, {"error": {"message": "models down", "type": "server_error"}})
             return
         data = [{"id": m, "object": "model", "created": 100 + i, "owned_by": "fault"} for i, m in enumerate(MODELS)]
-        await ex.json(200, {"object": "list", "data": data})
+        await ex.json(200, {"object": "list", "data": data}, [(b"set-cookie", b"session=one-callers; Path=/")])
 
     async def _errors(self, ex: _Exchange, model: str, kind: str) -> bool:
         """Answer the error models; True if one was answered."""

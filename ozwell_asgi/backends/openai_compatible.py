@@ -30,6 +30,7 @@ import struct
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from http.cookiejar import DefaultCookiePolicy
 from typing import TYPE_CHECKING, Any, Literal
 
 import anyio
@@ -386,6 +387,29 @@ def _error_fields(body: object) -> tuple[str, str | None, str | None, str | None
     return message, text("type"), text("param"), text("code")
 
 
+class _StreamState:
+    """What a stream has shown so far: the last usage, the choices not yet finished, whether it ended."""
+
+    __slots__ = ("done", "open", "seen", "usage")
+
+    def __init__(self) -> None:
+        self.usage: Usage | None = None
+        self.open: set[int] = set()
+        self.seen = False
+        self.done = False
+
+
+async def _drain(pieces: AsyncIterator[bytes]) -> None:
+    """Read what follows ``[DONE]`` (the end of the chunked body, usually at once) so the connection can be reused;
+    more than ``MAX_ERROR_BODY`` bytes or a second's wait is left to the close."""
+    size = 0
+    with anyio.move_on_after(1.0):
+        async for piece in pieces:
+            size += len(piece)
+            if size > MAX_ERROR_BODY:
+                return
+
+
 def _decode_vector(value: list[float] | str) -> list[float]:
     if isinstance(value, list):
         return value
@@ -432,9 +456,9 @@ class OpenAICompatibleBackend:
         if parsed.scheme not in ("http", "https") or not parsed.host:
             raise ValueError("base_url must be an http:// or https:// URL")
         self.base_url = base
-        self._chat_url = base + "/chat/completions"
-        self._embeddings_url = base + "/embeddings"
-        self._models_url = base + "/models"
+        self._chat_url = httpx.URL(base + "/chat/completions")  # parsed once, not per request
+        self._embeddings_url = httpx.URL(base + "/embeddings")
+        self._models_url = httpx.URL(base + "/models")
         self._timeout = timeout
         self._limits = limits
         self._connect_retries = connect_retries
@@ -466,6 +490,7 @@ class OpenAICompatibleBackend:
         client = self._client
         if client is None:
             client = self._client = httpx.AsyncClient(timeout=self._timeout, limits=self._limits)
+            client.cookies.jar.set_policy(DefaultCookiePolicy(allowed_domains=[]))  # callers share no cookies
         return client
 
     async def aclose(self) -> None:
@@ -549,38 +574,46 @@ class OpenAICompatibleBackend:
                     "The upstream model server did not stream its answer."
                 )
             decoder = SSEDecoder(self._max_event_size)
-            usage: Usage | None = None
-            open_choices: set[int] = set()
-            seen = False
+            state = _StreamState()
+            pieces = response.aiter_bytes()
             try:
-                async for piece in response.aiter_bytes():
-                    for kind, data in decoder.feed(piece):
-                        if data == _DONE:
-                            if usage is not None:
-                                yield ChatChunk(usage=usage)
-                            return
-                        chunk = self._stream_event(kind, data)
-                        if chunk.usage is not None:
-                            usage = _usage(chunk.usage)
-                        for out in _chunks(chunk):
-                            seen = True
-                            if out.finish_reason is None:
-                                open_choices.add(out.index)
-                            else:
-                                open_choices.discard(out.index)
-                            yield out
+                async for piece in pieces:
+                    for chunk in self._take(decoder.feed(piece), state):
+                        yield chunk
+                    if state.done:
+                        await _drain(pieces)  # so the connection goes back to the pool
+                        break
+                else:
+                    for chunk in self._take(decoder.close(), state):
+                        yield chunk
             except httpx.TimeoutException:
                 raise GatewayTimeoutError("The upstream model server stopped sending its answer.") from None
             except httpx.HTTPError:
                 raise BadGatewayError("The upstream model server's answer broke off.") from None
-            for kind, data in decoder.close():
-                if data != _DONE:
-                    self._stream_event(kind, data)  # an error frame or malformed data still counts
             # Ended without [DONE]: complete only if every choice finished.
-            if not seen or open_choices:
+            if not state.done and (not state.seen or state.open):
                 raise BadGatewayError("The upstream model server's answer broke off.")
-            if usage is not None:
-                yield ChatChunk(usage=usage)
+            if state.usage is not None:
+                yield ChatChunk(usage=state.usage)
+
+    def _take(self, events: list[tuple[bytes, bytes]], state: _StreamState) -> list[ChatChunk]:
+        """The chunks of a batch of events, up to ``[DONE]``; the usage and open choices kept in ``state``."""
+        chunks: list[ChatChunk] = []
+        for kind, data in events:
+            if data == _DONE:
+                state.done = True
+                break
+            upstream = self._stream_event(kind, data)
+            if upstream.usage is not None:
+                state.usage = _usage(upstream.usage)
+            for chunk in _chunks(upstream):
+                state.seen = True
+                if chunk.finish_reason is None:
+                    state.open.add(chunk.index)
+                else:
+                    state.open.discard(chunk.index)
+                chunks.append(chunk)
+        return chunks
 
     def _stream_event(self, kind: bytes, data: bytes) -> _ChatIn:
         if kind == b"error":
@@ -673,7 +706,7 @@ class OpenAICompatibleBackend:
     async def _exchange(
         self,
         method: str,
-        url: str,
+        url: httpx.URL,
         body: bytes | None,
         headers: Mapping[str, str],
         deadline: float | None,
@@ -702,7 +735,7 @@ class OpenAICompatibleBackend:
                 await response.aclose()
 
     async def _send(
-        self, method: str, url: str, body: bytes | None, headers: Mapping[str, str], deadline: float | None
+        self, method: str, url: httpx.URL, body: bytes | None, headers: Mapping[str, str], deadline: float | None
     ) -> httpx.Response:
         """The first 2xx response (body unread), retrying failures before its first byte; our error otherwise."""
         client = self._http()
