@@ -85,21 +85,22 @@ def wrk(url: str, key: str, stream: bool, seconds: int, connections: int, workdi
 
 
 def measure(direct: str, proxy: str, key: str, stream: bool, args: argparse.Namespace, workdir: Path) -> dict:
+    """Latency rounds (one connection) first, then throughput rounds, each alternating who goes first."""
     check(direct, key, stream)
     check(proxy, key, stream)
-    for url in (direct, proxy):  # warm both: connections, caches, the upstream pool
-        wrk(url, key, stream, 1, args.connections, workdir)
     runs: dict[str, dict[str, list[float]]] = {side: {"p50": [], "p99": [], "rps": []} for side in ("direct", "proxy")}
-    for i in range(args.rounds):
-        order = [("direct", direct), ("proxy", proxy)]
-        if i % 2:
-            order.reverse()
-        for side, url in order:
-            latency = wrk(url, key, stream, args.seconds, 1, workdir)
-            runs[side]["p50"].append(latency["p50"])
-            runs[side]["p99"].append(latency["p99"])
-        for side, url in order:
-            runs[side]["rps"].append(wrk(url, key, stream, args.seconds, args.connections, workdir)["rps"])
+    for connections in (1, args.connections):
+        for url in (direct, proxy):  # warm both: connections, caches, the upstream pool
+            wrk(url, key, stream, 1, connections, workdir)
+        for i in range(args.rounds):
+            order = [("direct", direct), ("proxy", proxy)]
+            for side, url in order if i % 2 == 0 else reversed(order):
+                result = wrk(url, key, stream, args.seconds, connections, workdir)
+                if connections == 1:
+                    runs[side]["p50"].append(result["p50"])
+                    runs[side]["p99"].append(result["p99"])
+                else:
+                    runs[side]["rps"].append(result["rps"])
     d, p = runs["direct"], runs["proxy"]
     return {
         "direct_p50_ms": round(statistics.median(d["p50"]), 3),

@@ -64,7 +64,9 @@ log = logging.getLogger("ozwell_asgi")
 # The official SDK's: a long read (a large non-streamed answer takes minutes), a short connect; and a bounded wait
 # for a free connection when the pool is full.
 DEFAULT_TIMEOUT = httpx.Timeout(600.0, connect=5.0, pool=30.0)
-DEFAULT_LIMITS = httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=30.0)
+# Idle connections are dropped after 4 s: before the 5 s after which uvicorn and Node servers close them, so a
+# request is not sent on a connection the server is closing.
+DEFAULT_LIMITS = httpx.Limits(max_connections=512, max_keepalive_connections=128, keepalive_expiry=4.0)
 
 MAX_EVENT_SIZE = 8 * 1024 * 1024  # one SSE line or event (a whole tool call arrives in one chunk from some servers)
 MAX_RESPONSE_SIZE = 256 * 1024 * 1024  # a whole answer: 2,048 embeddings of 3,072 floats as JSON fit
