@@ -171,7 +171,14 @@ class OzwellAPI:
         self.tokenizer = tokenizer or default_tokenizer()
         self.backend = backend or EchoBackend(tokenizer=self.tokenizer)
         self.key_store: KeyStore = cached
-        self.keys = KeyManager(cached, hasher, plans)
+        settings = settings or Settings()
+        self.keys = KeyManager(
+            cached,
+            hasher,
+            plans,
+            max_model_patterns=settings.max_model_patterns,
+            max_model_pattern_length=settings.max_model_pattern_length,
+        )
         self.rate_limiter = rate_limiter
         self.services = Services(
             backend=self.backend,
@@ -179,7 +186,7 @@ class OzwellAPI:
             keys=self.keys,
             limiter=rate_limiter,
             tokenizer=self.tokenizer,
-            settings=settings or Settings(),
+            settings=settings,
             plans=plans,
         )
         self.routes = _RouteTable(

@@ -34,10 +34,14 @@ class Settings:
     ``max_body_size``: largest JSON body accepted (bytes), else 413.
     ``default_completion_reserve``: tokens reserved for the answer when a request sets no ``max_tokens``; the
     reservation is reconciled with the real usage afterwards, so this only bounds concurrency, not cost.
+    ``max_model_patterns``: most model ids or globs a key's ``models`` may list (256), checked when a key is made.
+    ``max_model_pattern_length``: longest model id or glob in a key's ``models``, in characters (256).
     """
 
     max_body_size: int = 32 * 1024 * 1024
     default_completion_reserve: int = 1024
+    max_model_patterns: int = 256
+    max_model_pattern_length: int = 256
 
 
 @dataclass(slots=True)
