@@ -12,6 +12,7 @@ import fnmatch
 import hashlib
 import hmac
 import itertools
+import math
 import re
 import secrets
 import time
@@ -296,13 +297,22 @@ def require_scope(principal: Principal, scope: str, *alternatives: str) -> None:
 
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_DURATION_RE = re.compile(r"(\d+)([smhdw])")
+#: The longest duration text accepted (far beyond 100 years in any unit), so no huge number is ever parsed.
+MAX_DURATION_CHARS = 32
+_DURATION_RE = re.compile(r"([0-9]+)([smhdw])")
+_SECONDS_RE = re.compile(r"[0-9]+")
+_DURATION_HINT = "use a number of seconds or a duration such as 90m, 12h, 30d, 1w or 1w2d"
 
 
 def parse_duration(text: str) -> int:
-    """``30d``, ``12h``, ``90m``, ``1w2d`` or plain seconds → seconds. ``ValueError`` on anything else."""
+    """``30d``, ``12h``, ``90m``, ``1w2d`` or plain seconds → seconds (ASCII digits, at most 32 characters).
+
+    ``ValueError`` on anything else, with a message fit for a client.
+    """
     text = text.strip()
-    if text.isdigit():
+    if len(text) > MAX_DURATION_CHARS:
+        raise ValueError(f"invalid duration: longer than {MAX_DURATION_CHARS} characters; {_DURATION_HINT}")
+    if _SECONDS_RE.fullmatch(text):
         seconds = int(text)
     else:
         pos, seconds = 0, 0
@@ -312,7 +322,7 @@ def parse_duration(text: str) -> int:
             seconds += int(match.group(1)) * DURATION_UNITS[match.group(2)]
             pos = match.end()
         if pos != len(text) or not text:
-            raise ValueError(f"invalid duration {text!r}: use e.g. 3600, 90m, 12h, 30d or 1w")
+            raise ValueError(f"invalid duration {text!r}: {_DURATION_HINT}")
     if seconds <= 0:
         raise ValueError(f"invalid duration {text!r}: it must be positive")
     return seconds
@@ -369,7 +379,8 @@ class KeyManager:
         """A new key and its secret; 400 (``InvalidRequestError`` with ``param``) for a bad value.
 
         The key expires ``expires_in`` seconds from now, or at the epoch second ``expires_at`` (give at most one),
-        or never. With ``within`` (the creator's grant), a key
+        or never. ``created_at`` is the current second rounded up and ``expires_at = created_at + expires_in``, so
+        a key never expires before ``expires_in`` seconds have passed. With ``within`` (the creator's grant), a key
         reaching beyond it is refused with 403 ``insufficient_permissions`` naming the field (``scopes``,
         ``models``, ``plan``, ``rpm``, ``tpm`` or ``expires_in``) and nothing is stored.
         """
@@ -395,7 +406,7 @@ class KeyManager:
                 f"Unknown scope {unknown[0]!r}; expected some of: {', '.join(sorted(KNOWN_SCOPES))}.", param="scopes"
             )
         model_tuple = self._model_patterns(models)
-        now = int(self.clock())
+        now = math.ceil(self.clock())
         secret = generate_key()
         key = APIKey(
             id="key_" + uuid.uuid4().hex[:24],

@@ -2,7 +2,8 @@
 
 The /api-keys API against stronger keys along each dimension (scopes, models, plan, rpm/tpm, expiry), the
 defaults a create request gets from its creator, the caps on model patterns and their one-time compilation, NUL
-characters on every key store (PostgreSQL included) with no key hash in any log line.
+characters on every key store (PostgreSQL included) with no key hash in any log line, duration parsing in our own
+words, and an expiry that never comes early.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from ozwell_asgi import OzwellAPI, Settings
 from ozwell_asgi.auth import (
     DEFAULT_MAX_MODEL_PATTERN_LENGTH,
     DEFAULT_MAX_MODEL_PATTERNS,
+    Authenticator,
     Grant,
     KeyHasher,
     KeyManager,
@@ -31,6 +33,7 @@ from ozwell_asgi.auth import (
     exceeds,
     model_allowed,
     models_within,
+    parse_duration,
 )
 from ozwell_asgi.cli import main as cli_main
 from ozwell_asgi.errors import InvalidRequestError
@@ -608,3 +611,85 @@ async def test_an_unexpected_store_failure_logs_no_key_hash(
     finally:
         await api.aclose()
         await engine.dispose()
+
+
+# ------------------------------------------------------------------------------------------ expires_in words
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "9" * 5000,
+        "²",
+        "1²",
+        "٣",
+        "1w²",
+        "1d\x00",
+        " ",
+        "-5",
+        "1.5h",
+        "9" * 33,
+        "1" + "0" * 31 + "w",
+        "1" + "0" * 30 + "w",
+    ],
+)
+async def test_bad_durations_are_told_in_our_words(api: OzwellAPI, value: str) -> None:
+    _, root = await api.keys.create(name="root", owner="acme", scopes=["admin"], plan="enterprise")
+    async with raw_client(api) as http:
+        response = await http.post("/api-keys", json={"name": "x", "expires_in": value}, headers=auth(root))
+    assert response.status_code == 400, response.text
+    error = envelope(response)
+    assert (error["type"], error["param"], error["code"]) == ("invalid_request_error", "expires_in", "invalid_value")
+    for python_words in ("int()", "sys.", "literal", "Exceeds the limit", "digits"):
+        assert python_words not in error["message"]
+    assert "duration" in error["message"]
+    assert len(error["message"]) < 300
+
+
+def test_parse_duration() -> None:
+    assert [parse_duration(t) for t in ("3600", " 90m ", "12h", "30d", "1w2d", "0001s")] == [
+        3600,
+        5400,
+        43200,
+        2592000,
+        9 * DAY,
+        1,
+    ]
+    for bad in ("", "0", "0s", "²", "٣", "1x", "h1", "9" * 33):
+        with pytest.raises(ValueError, match="duration"):
+            parse_duration(bad)
+
+
+# ------------------------------------------------------------------------------------ expiry is never early
+
+
+@pytest.mark.parametrize("fraction", [0.0, 0.001, 0.5, 0.999])
+async def test_a_key_lives_at_least_its_expires_in(fraction: float) -> None:
+    now = [1_000_000 + fraction]
+    store = MemoryKeyStore()
+    hasher = KeyHasher(SECRET)
+    keys = KeyManager(store, hasher, clock=lambda: now[0])
+    authenticator = Authenticator(store, hasher, clock=lambda: now[0])
+    key, secret = await keys.create(name="short", owner="o", expires_in=1)
+    assert key.expires_at is not None and key.expires_at - key.created_at == 1
+    assert key.expires_at - now[0] >= 1 and key.created_at >= now[0]
+    for alive_at in (now[0], now[0] + 0.5, now[0] + 0.999999):
+        now[0] = alive_at
+        assert (await authenticator.authenticate(f"Bearer {secret}")).expires_at == key.expires_at
+    now[0] = key.expires_at
+    with pytest.raises(Exception, match="Incorrect API key"):
+        await authenticator.authenticate(f"Bearer {secret}")
+
+
+async def test_expires_in_one_over_http_is_alive_at_once(api: OzwellAPI) -> None:
+    now = [2_000_000.9]
+    api.keys.clock = api.services.authenticator.clock = lambda: now[0]
+    _, root = await api.keys.create(name="root", owner="acme", scopes=["api", "admin"], plan="enterprise")
+    async with raw_client(api) as http:
+        response = await http.post("/api-keys", json={"name": "x", "expires_in": 1}, headers=auth(root))
+        created = response.json()
+        assert created["expires_at"] == 2_000_002 and created["created_at"] == 2_000_001
+        now[0] = 2_000_001.85  # 0.95 s later: alive (rounding down made it dead at 2,000,001)
+        assert (await http.get("/models", headers=auth(created["secret"]))).status_code == 200
+        now[0] = 2_000_002
+        assert (await http.get("/models", headers=auth(created["secret"]))).status_code == 401
