@@ -31,6 +31,7 @@ __all__ = [
     "KeyHasher",
     "KeyManager",
     "ModelPatterns",
+    "at_most",
     "exceeds",
     "generate_key",
     "model_allowed",
@@ -182,8 +183,8 @@ class Grant:
         return cls(frozenset(key.scopes), key.models, quota.rpm, quota.tpm, key.expires_at)
 
 
-def _at_most(value: int | None, bound: int | None) -> bool:
-    """``value <= bound`` where ``None`` is the largest value (unlimited, never)."""
+def at_most(value: int | None, bound: int | None) -> bool:
+    """``value <= bound`` where ``None`` is the largest value (unlimited, never): how limits and expiries compare."""
     return bound is None or (value is not None and value <= bound)
 
 
@@ -206,11 +207,11 @@ def exceeds(grant: Grant, holder: Grant) -> str | None:
         return "scopes"
     if not models_within(grant.models, holder.models):
         return "models"
-    if not _at_most(grant.rpm, holder.rpm):
+    if not at_most(grant.rpm, holder.rpm):
         return "rpm"
-    if not _at_most(grant.tpm, holder.tpm):
+    if not at_most(grant.tpm, holder.tpm):
         return "tpm"
-    if not _at_most(grant.expires_at, holder.expires_at):
+    if not at_most(grant.expires_at, holder.expires_at):
         return "expires_at"
     return None
 

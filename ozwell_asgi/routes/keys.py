@@ -35,7 +35,7 @@ from typing import Any
 
 from starlette.requests import Request
 
-from ..auth import Grant
+from ..auth import Grant, at_most
 from ..bodies import read_json_body
 from ..context import Services
 from ..errors import InvalidRequestError, NotFoundError, PermissionDeniedError
@@ -104,10 +104,6 @@ async def _visible_key(services: Services, principal: Principal, key_id: str) ->
     return key
 
 
-def _within(value: int | None, bound: int | None) -> bool:
-    return bound is None or (value is not None and value <= bound)
-
-
 async def create_key(services: Services, request: Request) -> JSONResponse:
     """POST /api-keys: 201 with the key object and its ``secret``; 400 (with ``param``), 403, 413 or 415.
 
@@ -127,9 +123,9 @@ async def create_key(services: Services, request: Request) -> JSONResponse:
     rpm, tpm = body.rpm, body.tpm
     plan = services.plans.get(body.plan)
     if plan is not None and "plan" not in given:  # the default plan: its limits are capped at the caller's
-        if rpm is None and not _within(plan.rpm, holder.rpm):
+        if rpm is None and not at_most(plan.rpm, holder.rpm):
             rpm = holder.rpm
-        if tpm is None and not _within(plan.tpm, holder.tpm):
+        if tpm is None and not at_most(plan.tpm, holder.tpm):
             tpm = holder.tpm
     expires_in = body.expires_in_seconds()
     key, secret = await services.keys.create(
