@@ -36,7 +36,6 @@ from typing import Any
 from starlette.requests import Request
 
 from ..auth import Grant, at_most
-from ..bodies import read_json_body
 from ..context import Services
 from ..errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from ..responses import JSONResponse
@@ -112,7 +111,7 @@ async def create_key(services: Services, request: Request) -> JSONResponse:
     grant is refused (403, ``param`` naming the field).
     """
     principal, headers = await _admin(services, request)
-    body = parse_create_key_request(await read_json_body(request, services.settings.max_body_size))
+    body = parse_create_key_request(await services.read_json(request))
     owner = principal.owner if body.owner is None else body.owner
     if owner != principal.owner and not _is_global(principal):
         raise PermissionDeniedError(
