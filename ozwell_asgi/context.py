@@ -117,10 +117,12 @@ class Services:
         """Admit one billable call for ``principal`` before its body is read (429 if its budgets are spent)."""
         return await Meter.admit(self.limiter, principal)
 
-    async def read_json(self, request: Request) -> bytes:
-        """The request's JSON body within the settings' size cap (413) and idle timeout (408)."""
+    async def read_json(self, request: Request, cap: int | None = None) -> bytes:
+        """The request's JSON body within a size cap (413; the settings' ``max_body_size``, or a route's smaller
+        ``cap``) and the idle timeout (408)."""
         settings = self.settings
-        return await read_json_body(request, settings.max_body_size, settings.body_idle_timeout)
+        limit = settings.max_body_size if cap is None else min(cap, settings.max_body_size)
+        return await read_json_body(request, limit, settings.body_idle_timeout)
 
     async def charge_request(self, principal: Principal) -> list[tuple[bytes, bytes]]:
         """Take one request and no tokens on the caller's limits (429 if spent); the rate-limit headers to send."""

@@ -452,3 +452,17 @@ async def test_each_call_costs_one_request(world: World) -> None:
         assert seen == [2, 1, 0]
         response = await http.get("/api-keys", headers=auth(admin))
         assert response.status_code == 429 and envelope(response)["type"] == "rate_limit_error"
+
+
+async def test_a_key_request_body_is_capped_at_one_mebibyte() -> None:
+    from ozwell_asgi.routes.keys import MAX_KEY_REQUEST_BODY
+
+    api = OzwellAPI(secret="s" * 32)
+    _, admin = await api.keys.create(name="a", owner="o", scopes=["admin", "api"])
+    body = '{"name": "x", "pad": "' + "y" * MAX_KEY_REQUEST_BODY + '"}'
+    async with raw_client(api) as http:
+        response = await http.post(
+            "/api-keys", content=body, headers={"authorization": f"Bearer {admin}", "content-type": "application/json"}
+        )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "payload_too_large"

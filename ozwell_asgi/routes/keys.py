@@ -55,6 +55,10 @@ __all__ = [
 
 Headers = list[tuple[bytes, bytes]]
 
+# The largest body POST /api-keys accepts: a key's fields with the most model patterns the caps allow fit many
+# times over (413 past it), so a hostile body costs no more than this to parse.
+MAX_KEY_REQUEST_BODY = 1024 * 1024
+
 
 def key_object(key: APIKey, secret: str | None = None) -> dict[str, Any]:
     """The wire form of a key; ``secret`` is added only by create and rotate. Never the hash."""
@@ -111,7 +115,7 @@ async def create_key(services: Services, request: Request) -> JSONResponse:
     grant is refused (403, ``param`` naming the field).
     """
     principal, headers = await _admin(services, request)
-    body = parse_create_key_request(await services.read_json(request))
+    body = parse_create_key_request(await services.read_json(request, MAX_KEY_REQUEST_BODY))
     owner = principal.owner if body.owner is None else body.owner
     if owner != principal.owner and not _is_global(principal):
         raise PermissionDeniedError(
