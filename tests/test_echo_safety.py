@@ -10,7 +10,11 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator, Sequence
+import socket
+import struct
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import anyio
@@ -19,6 +23,7 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from ozwell_asgi import OzwellAPI
+from ozwell_asgi.app import PrefixedApp
 from ozwell_asgi.backends.echo import (
     CHARS_PER_TOKEN,
     MAX_OUTPUT_TOKENS,
@@ -26,9 +31,11 @@ from ozwell_asgi.backends.echo import (
     MAX_SCHEMA_NODES,
     EchoBackend,
 )
+from ozwell_asgi.ratelimit import LimitsRateLimiter
 from ozwell_asgi.tokens import BPETokenizer, default_tokenizer
+from ozwell_asgi.types import ChatChunk, Reservation
 from ozwell_asgi.wire.chat import ChatCompletionRequest, parse_chat_request
-from tests.harness import async_openai, raw_client
+from tests.harness import async_openai, raw_client, uvicorn_server
 
 pytestmark = pytest.mark.anyio
 
@@ -457,3 +464,76 @@ async def test_the_sdk_sees_a_bad_schema_as_bad_request(api_and_key: tuple[Ozwel
     assert info.value.param == "response_format" and info.value.code == "invalid_json_schema"
     assert "In context=('properties', 'a'), 'minimum' must be a finite number." in info.value.message
     await client.close()
+
+
+# -- a client that resets a long stream -----------------------------------------------------------------------------
+
+
+class CountingEcho(EchoBackend):
+    """Echo, counting the chunks it makes and noting when its stream is closed. Its generator never awaits, so
+    nothing but the SSE response itself can give the event loop a chance to see the client go."""
+
+    def __init__(self) -> None:
+        super().__init__(max_output_tokens=1_000_000)
+        self.made = 0
+        self.closed = threading.Event()
+        self.closed_at = 0.0
+
+    async def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatChunk]:
+        try:
+            async for chunk in super().chat_stream(request):
+                self.made += 1
+                yield chunk
+        finally:
+            self.closed_at = time.monotonic()
+            self.closed.set()
+
+
+class RecordingLimiter(LimitsRateLimiter):
+    def __init__(self) -> None:
+        super().__init__("memory://")
+        self.settled: list[int] = []
+
+    async def settle(self, reservation: Reservation, used_tokens: int) -> None:
+        self.settled.append(used_tokens)
+        await super().settle(reservation, used_tokens)
+
+
+@pytest.mark.slow
+def test_a_reset_connection_stops_a_stream_that_never_awaits() -> None:
+    """Before: 200,000 words went on being generated for ~1.5 s after the reset, every one of them charged."""
+    words = 200_000
+    backend = CountingEcho()
+    limiter = RecordingLimiter()
+    api = OzwellAPI(secret=SECRET, backend=backend, rate_limiter=limiter)
+    key = anyio.run(lambda: api.keys.create(name="t", owner="o", plan="enterprise"))[1]
+    body = json.dumps(
+        {
+            "model": "echo",
+            "messages": [{"role": "user", "content": "word " * words}],
+            "max_tokens": 2 * words,
+            "stream": True,
+        }
+    ).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nhost: test\r\nauthorization: Bearer {key}\r\n"
+        f"content-type: application/json\r\ncontent-length: {len(body)}\r\n\r\n"
+    ).encode()
+    with uvicorn_server(PrefixedApp(api)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port))) as sock:
+            sock.sendall(head + body)
+            received = b""
+            while received.count(b"data: ") < 20:
+                more = sock.recv(65536)
+                assert more, "the server closed the stream early"
+                received += more
+            assert b" 200 OK" in received.split(b"\r\n", 1)[0]
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+        reset = time.monotonic()
+        assert backend.closed.wait(10), "the backend stream was never closed"
+        assert backend.closed_at - reset < 1.0
+    total = words + 3  # role, one chunk per word, finish, usage
+    assert backend.made < total // 2, f"{backend.made} of {total} chunks were made after the client left"
+    prompt = default_tokenizer().count("word " * words)
+    assert limiter.settled and limiter.settled[0] < prompt + words // 2  # charged what was sent, not the whole
