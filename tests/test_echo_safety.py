@@ -31,9 +31,10 @@ from ozwell_asgi.backends.echo import (
     MAX_SCHEMA_NODES,
     EchoBackend,
 )
+from ozwell_asgi.context import Settings
 from ozwell_asgi.ratelimit import LimitsRateLimiter
 from ozwell_asgi.tokens import BPETokenizer, default_tokenizer
-from ozwell_asgi.types import ChatChunk, Reservation
+from ozwell_asgi.types import Call, ChatChunk, Principal, Quota, Reservation
 from ozwell_asgi.wire.chat import ChatCompletionRequest, parse_chat_request
 from tests.harness import async_openai, raw_client, uvicorn_server
 
@@ -147,7 +148,7 @@ async def test_nested_min_items_are_built_only_to_the_token_bound(
     await client.close()
 
 
-async def test_without_max_tokens_a_bomb_is_built_to_the_echo_ceiling(
+async def test_without_max_tokens_a_bomb_is_built_to_the_reserved_tokens(
     api_and_key: tuple[OzwellAPI, str], echo: EchoBackend
 ) -> None:
     api, key = api_and_key
@@ -164,8 +165,9 @@ async def test_without_max_tokens_a_bomb_is_built_to_the_echo_ceiling(
     assert response.status_code == 200
     body = response.json()
     assert body["choices"][0]["finish_reason"] == "length"
-    assert body["usage"]["completion_tokens"] <= MAX_OUTPUT_TOKENS
-    assert largest_encoded(echo) <= MAX_OUTPUT_TOKENS * CHARS_PER_TOKEN
+    reserve = Settings().default_completion_reserve  # the route's bound when the request sets none
+    assert 0 < body["usage"]["completion_tokens"] <= reserve
+    assert largest_encoded(echo) <= reserve * CHARS_PER_TOKEN
 
 
 NOOP = {"type": "function", "function": {"name": "noop", "parameters": {"type": "object", "properties": {}}}}
@@ -257,13 +259,19 @@ def chat_request(**fields: Any) -> ChatCompletionRequest:
     return parse_chat_request(json.dumps({"model": "echo", **fields}))
 
 
+def direct_call(max_tokens: int | None = None) -> Call:
+    """What a host calling the backend itself might pass: possibly no bound at all."""
+    principal = Principal(key_id="k", owner="o", plan="enterprise", quota=Quota(rpm=None, tpm=None))
+    return Call(request_id="req_1", principal=principal, endpoint="chat.completions", max_tokens=max_tokens)
+
+
 async def test_a_host_calling_echo_without_a_bound_gets_the_ceiling() -> None:
     """The route always passes a bound; a host calling the backend directly may not. Before: no limit at all."""
     words = "word " * (MAX_OUTPUT_TOKENS + 1_000)
     backend = EchoBackend()
     request = chat_request(messages=[{"role": "user", "content": words}], logprobs=True)
     assert request.effective_max_tokens is None
-    result = await backend.chat(request)
+    result = await backend.complete_chat(request, direct_call())
     assert result.usage is not None and result.usage.completion_tokens == MAX_OUTPUT_TOKENS
     assert result.choices[0].finish_reason == "length"
     assert result.choices[0].logprobs is not None and len(result.choices[0].logprobs["content"]) == MAX_OUTPUT_TOKENS
@@ -271,15 +279,18 @@ async def test_a_host_calling_echo_without_a_bound_gets_the_ceiling() -> None:
     small = EchoBackend(max_output_tokens=7)  # and a bound above the ceiling is held to it too
     for fields in ({}, {"max_tokens": 1_000}, {"max_completion_tokens": 10**9}):
         request = chat_request(messages=[{"role": "user", "content": words}], logprobs=True, n=2, **fields)
-        result = await small.chat(request)
+        result = await small.complete_chat(request, direct_call())
         assert result.usage is not None and result.usage.completion_tokens == 2 * 7
         assert all(c.finish_reason == "length" and len(c.logprobs["content"]) == 7 for c in result.choices)  # type: ignore[index]
-        chunks = [chunk async for chunk in small.chat_stream(request)]
+        chunks = [chunk async for chunk in small.stream_chat(request, direct_call())]
         for index in (0, 1):
             entries = [e for c in chunks if c.index == index and c.logprobs for e in c.logprobs["content"]]
             assert len(entries) == 7
             assert "".join(c.content or "" for c in chunks if c.index == index) == "word " * 6 + "word"
         assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 2 * 7
+    request = chat_request(messages=[{"role": "user", "content": words}], max_tokens=1_000)
+    result = await backend.complete_chat(request, direct_call(max_tokens=5))  # the call's bound holds too
+    assert result.usage is not None and result.usage.completion_tokens == 5
     with pytest.raises(ValueError, match="max_output_tokens"):
         EchoBackend(max_output_tokens=0)
 
@@ -479,9 +490,9 @@ class CountingEcho(EchoBackend):
         self.closed = threading.Event()
         self.closed_at = 0.0
 
-    async def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatChunk]:
+    async def stream_chat(self, request: ChatCompletionRequest, ctx: Call) -> AsyncIterator[ChatChunk]:
         try:
-            async for chunk in super().chat_stream(request):
+            async for chunk in super().stream_chat(request, ctx):
                 self.made += 1
                 yield chunk
         finally:

@@ -7,7 +7,7 @@ many tokens, then ``finish_reason: "length"``), ``logprobs``/``top_logprobs`` (e
 and a forced tool call (``tool_choice`` naming a function, or ``"required"``: the first tool), whose arguments are
 built from the function's parameter schema, string fields holding the echoed text.
 
-Bounded: each choice is at most ``min(the request's token bound, max_output_tokens)`` tokens, and no more than
+Bounded: each choice is at most ``min(request bound, call.max_tokens, max_output_tokens)`` tokens, and no more than
 ``CHARS_PER_TOKEN`` characters per such token are ever built or tokenized, whatever the schema asks for (nested
 ``minItems`` are cut, not expanded). The parts of a schema echo reads are checked first: a malformed one is a
 400 naming it (OpenAI's ``Invalid schema for ...`` error), never a 500.
@@ -316,10 +316,13 @@ class EchoBackend:
 
     # -- chat -------------------------------------------------------------------------------------------------
 
-    def _cap(self, request: ChatCompletionRequest) -> int:
-        """Tokens one choice may hold: the request's bound, within ``max_output_tokens``."""
-        bound = request.effective_max_tokens
-        return self.max_output_tokens if bound is None else min(bound, self.max_output_tokens)
+    def _cap(self, request: ChatCompletionRequest, call: Call) -> int:
+        """Tokens one choice may hold: the least of the request's bound, the call's and ``max_output_tokens``."""
+        cap = self.max_output_tokens
+        for bound in (request.effective_max_tokens, call.max_tokens):
+            if bound is not None and bound < cap:
+                cap = bound
+        return cap
 
     def _forced_tool(self, request: ChatCompletionRequest) -> tuple[int, str, dict[str, Any]] | None:
         """(index in ``tools``, name, parameters) of the function echo must call, if any."""
@@ -349,9 +352,9 @@ class EchoBackend:
             return functions[name][0], name, functions[name][1]
         return None
 
-    def _reply(self, request: ChatCompletionRequest) -> _Reply:
+    def _reply(self, request: ChatCompletionRequest, call: Call) -> _Reply:
         """Check the request's schemas, then build the answer within the cap (see the module docstring)."""
-        cap = self._cap(request)
+        cap = self._cap(request, call)
         room = cap * CHARS_PER_TOKEN
         fmt = request.response_format
         kind = getattr(fmt, "type", None)
@@ -444,7 +447,7 @@ class EchoBackend:
 
     async def complete_chat(self, request: ChatCompletionRequest, ctx: Call) -> ChatResult:
         prompt = count_chat_prompt(self.tokenizer, request)
-        reply = self._reply(request)
+        reply = self._reply(request, ctx)
         count = request.choice_count
         if reply.tool is not None:
             seed = self._seed(reply)
@@ -469,7 +472,7 @@ class EchoBackend:
 
     async def stream_chat(self, request: ChatCompletionRequest, ctx: Call) -> AsyncIterator[ChatChunk]:
         prompt = count_chat_prompt(self.tokenizer, request)
-        reply = self._reply(request)  # before the first chunk: a bad schema is a 400, not a broken stream
+        reply = self._reply(request, ctx)  # before the first chunk: a bad schema is a 400, not a broken stream
         count = request.choice_count
         if reply.tool is not None:
             seed = self._seed(reply)
