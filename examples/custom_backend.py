@@ -1,4 +1,4 @@
-"""Wrap your own model in the ModelBackend protocol: here, a "model" that answers in upper case.
+"""Wrap your own model in a backend: here, a "model" that answers in upper case.
 
 Run it:  python examples/custom_backend.py        (serves /v1 on http://127.0.0.1:8000 and prints a key)
 """
@@ -8,39 +8,33 @@ from __future__ import annotations
 import re
 from collections.abc import AsyncIterator, Sequence
 
-from ozwell_asgi import ChatChoice, ChatChunk, ChatResult, EchoBackend, ModelInfo, OzwellAPI, Usage
-from ozwell_asgi.types import AssistantMessage, EmbeddingResult
+from ozwell_asgi import Call, ChatChunk, EchoBackend, EmbeddingResult, ModelInfo, OzwellAPI, Usage
 from ozwell_asgi.wire.chat import ChatCompletionRequest, message_text
+from ozwell_asgi.wire.embeddings import EmbeddingRequest
 
 
 class ShoutingBackend:
-    """Answers with the last user message in capitals. Anything with these four methods is a backend."""
+    """Answers with the last user message in capitals. A backend is ``list_models`` plus its capabilities:
+    ``stream_chat`` for chat (non-streamed requests are folded from it) and ``embed`` for embeddings."""
 
     def __init__(self) -> None:
-        self.embeddings = EchoBackend()  # reuse the echo backend's deterministic embeddings
+        self.echo = EchoBackend()  # reuse the echo backend's deterministic embeddings
 
     async def list_models(self) -> Sequence[ModelInfo]:
-        return (ModelInfo(id="shout-1", owned_by="acme"),)
+        return (ModelInfo(id="shout-1", owned_by="acme"), ModelInfo(id="echo-embedding", kind="embedding"))
 
-    def _answer(self, request: ChatCompletionRequest) -> str:
-        return message_text(request.messages[-1]).upper()
-
-    async def chat(self, request: ChatCompletionRequest) -> ChatResult:
-        text = self._answer(request)
-        # Leave usage as None and ozwell_asgi counts tokens itself; report it when your model knows better.
-        return ChatResult(
-            choices=(ChatChoice(index=0, message=AssistantMessage(content=text), finish_reason="stop"),),
-            usage=Usage(prompt_tokens=len(request.messages), completion_tokens=len(text.split())),
-        )
-
-    async def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatChunk]:
+    async def stream_chat(self, request: ChatCompletionRequest, call: Call) -> AsyncIterator[ChatChunk]:
+        text = message_text(request.messages[-1]).upper()
+        words = re.findall(r"\s*\S+", text)[: call.max_tokens]  # the call's bound: never generate more
         yield ChatChunk(role="assistant", content="")
-        for word in re.findall(r"\s*\S+", self._answer(request)):
+        for word in words:
             yield ChatChunk(content=word)
         yield ChatChunk(finish_reason="stop")
+        # Optional: report usage when your model knows it; otherwise ozwell_asgi counts the tokens itself.
+        yield ChatChunk(usage=Usage(prompt_tokens=len(request.messages), completion_tokens=len(words)))
 
-    async def embed(self, model: str, inputs: Sequence[str | Sequence[int]], dimensions: int | None) -> EmbeddingResult:
-        return await self.embeddings.embed(model, inputs, dimensions)
+    async def embed(self, request: EmbeddingRequest, call: Call) -> EmbeddingResult:
+        return await self.echo.embed(request, call)
 
 
 api = OzwellAPI(backend=ShoutingBackend())

@@ -20,12 +20,13 @@ from .errors import (
     RateLimitError,
     ServiceUnavailableError,
 )
-from .protocols import KeyStore, ModelBackend, RateLimiter
+from .protocols import ChatBackend, CompletesChat, EmbeddingBackend, KeyStore, ModelCatalog, RateLimiter
 from .ratelimit import DEFAULT_PLANS, LimitsRateLimiter, Plan
 from .tokens import BPETokenizer, Tokenizer
 from .types import (
     APIKey,
     AssistantMessage,
+    Call,
     ChatChoice,
     ChatChunk,
     ChatResult,
@@ -47,10 +48,14 @@ __all__ = [
     "AuthenticationError",
     "BPETokenizer",
     "BadGatewayError",
+    "Call",
+    "ChatBackend",
     "ChatChoice",
     "ChatChunk",
     "ChatResult",
+    "CompletesChat",
     "EchoBackend",
+    "EmbeddingBackend",
     "EmbeddingResult",
     "GatewayTimeoutError",
     "InternalServerError",
@@ -59,7 +64,7 @@ __all__ = [
     "KeyManager",
     "KeyStore",
     "LimitsRateLimiter",
-    "ModelBackend",
+    "ModelCatalog",
     "ModelInfo",
     "NotFoundError",
     "OzwellAPI",

@@ -1,8 +1,8 @@
 """OzwellAPI: the ASGI application. Construction wires the dependencies once; a request then goes
 
     __call__ (request id, timing, the one error renderer) → Router → route handler
-        → Services.authenticate (auth.py) → read_json_body (bodies.py) → wire model (wire/)
-        → RateLimiter.reserve (ratelimit.py) → ModelBackend (backends/) → JSON or SSE → RateLimiter.settle
+        → Services.authenticate (auth.py) → Meter.admit (meter.py, before the body) → read_json_body (bodies.py)
+        → wire model (wire/) → Meter.reserve → backend (backends/) → JSON or SSE → Meter.settle
 
 Mount it anywhere (``app.mount("/v1", OzwellAPI(...))``) or run it on its own; every answer of ours, errors
 included, is in OpenAI's shape even inside a host (FastAPI, Starlette, Django) with its own error handlers.
@@ -25,10 +25,11 @@ from starlette.requests import Request
 from starlette.routing import compile_path
 
 from .auth import Authenticator, KeyHasher, KeyManager
+from .backends import capabilities
 from .backends.echo import EchoBackend
 from .context import Services, Settings
 from .errors import MethodNotAllowedError, NotFoundError, OzwellError, internal_error
-from .protocols import KeyStore, ModelBackend, RateLimiter
+from .protocols import ChatBackend, EmbeddingBackend, KeyStore, RateLimiter
 from .ratelimit import DEFAULT_PLANS, LimitsRateLimiter, Plan
 from .responses import error_response
 from .routes import ROUTES, Handler
@@ -139,7 +140,7 @@ class OzwellAPI:
     def __init__(
         self,
         *,
-        backend: ModelBackend | None = None,
+        backend: ChatBackend | EmbeddingBackend | None = None,
         key_store: KeyStore | str = "memory://",
         rate_limiter: RateLimiter | str = "memory://",
         secret: str | bytes | None = None,
@@ -170,11 +171,15 @@ class OzwellAPI:
         cached = CachedKeyStore(key_store, ttl=key_cache_ttl) if key_cache_ttl > 0 else key_store
         self.tokenizer = tokenizer or default_tokenizer()
         self.backend = backend or EchoBackend(tokenizer=self.tokenizer)
+        served = capabilities(self.backend)  # TypeError now for a backend we could not serve
         self.key_store: KeyStore = cached
         self.keys = KeyManager(cached, hasher, plans)
         self.rate_limiter = rate_limiter
         self.services = Services(
-            backend=self.backend,
+            backend=served.catalog,
+            chat=served.chat,
+            completes=served.completes,
+            embeddings=served.embeddings,
             authenticator=Authenticator(cached, hasher, plans),
             keys=self.keys,
             limiter=rate_limiter,
@@ -182,8 +187,13 @@ class OzwellAPI:
             settings=settings or Settings(),
             plans=plans,
         )
+        has = {"chat": served.chat is not None, "embeddings": served.embeddings is not None}
         self.routes = _RouteTable(
-            [(path, methods, _Endpoint(handler, self.services)) for path, methods, handler in ROUTES]
+            [
+                (path, methods, _Endpoint(handler, self.services))
+                for path, methods, handler, capability in ROUTES
+                if capability is None or has[capability]
+            ]
         )
         self._started = False
 
@@ -245,6 +255,7 @@ class OzwellAPI:
         headers = dict(scope["headers"])  # one pass; later duplicates win, which no header we read relies on
         scope["ozwell.headers"] = headers
         request_id = _request_id(headers)
+        scope["ozwell.request_id"] = request_id
         response_started = False
 
         async def send_with_ids(message: Any) -> None:

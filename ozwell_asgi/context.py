@@ -4,19 +4,23 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Literal
 
+import anyio
 from starlette.requests import Request
 
 from .auth import Authenticator, KeyManager, model_allowed, require_scope
 from .bodies import header, read_json_body
 from .errors import NotFoundError, PermissionDeniedError
 from .meter import Meter
-from .protocols import ModelBackend, RateLimiter
+from .protocols import ChatBackend, CompletesChat, EmbeddingBackend, ModelCatalog, RateLimiter
 from .ratelimit import Plan, rate_limit_header_bytes
 from .tokens import Tokenizer
-from .types import ModelInfo, Principal
+from .types import Call, ModelInfo, Principal
 
 __all__ = ["Services", "Settings", "header"]
+
+CallEndpoint = Literal["chat.completions", "responses", "embeddings"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +35,11 @@ class Settings:
     ``max_messages``: messages in one chat request, else 400 (``param`` ``messages``).
     ``max_content_parts``: content parts summed over a chat request's messages, else 400.
     ``max_choices``: largest ``n`` (OpenAI's own limit is 128), else 400 (``param`` ``n``).
+    ``call_timeout``: seconds a backend call may take; it is the call's ``deadline`` (a router stops trying
+    fallbacks past it).
+    ``stream_keepalive``: seconds a stream waits for the backend's first chunk before the response starts anyway,
+    with ``: ping`` comments at this interval until the chunk comes, so intermediaries do not cut a slow stream
+    (0: never; the client then waits for the first chunk, and a failure before it keeps its HTTP status).
     ``offload_parse_above``: bodies larger than this (bytes) are parsed and counted in a worker thread, so one large
     admitted request does not stall every other client on the event loop.
     """
@@ -42,20 +51,27 @@ class Settings:
     max_content_parts: int = 4096
     max_choices: int = 128
     offload_parse_above: int = 1024 * 1024
+    call_timeout: float = 600.0
+    stream_keepalive: float = 15.0
 
     def __post_init__(self) -> None:
         for name in ("max_body_size", "default_completion_reserve", "max_messages", "max_content_parts", "max_choices"):
             if getattr(self, name) < 1:
                 raise ValueError(f"Settings.{name} must be >= 1")
-        if self.body_idle_timeout <= 0:
-            raise ValueError("Settings.body_idle_timeout must be > 0")
+        if self.body_idle_timeout <= 0 or self.call_timeout <= 0:
+            raise ValueError("Settings.body_idle_timeout and Settings.call_timeout must be > 0")
+        if self.stream_keepalive < 0:
+            raise ValueError("Settings.stream_keepalive must be >= 0")
         if self.offload_parse_above < 0:
             raise ValueError("Settings.offload_parse_above must be >= 0")
 
 
 @dataclass(slots=True)
 class Services:
-    backend: ModelBackend
+    backend: ModelCatalog
+    chat: ChatBackend | None
+    completes: CompletesChat | None
+    embeddings: EmbeddingBackend | None
     authenticator: Authenticator
     keys: KeyManager
     limiter: RateLimiter
@@ -68,6 +84,22 @@ class Services:
         principal = await self.authenticator.authenticate(header(request, b"authorization"))
         require_scope(principal, scope, *alternatives)
         return principal
+
+    @staticmethod
+    def request_id(request: Request) -> str:
+        """The id of the request being served (the app sets it, or takes a valid ``x-request-id``)."""
+        raw: bytes | None = request.scope.get("ozwell.request_id")
+        return raw.decode() if raw is not None else ""
+
+    def call(self, request: Request, principal: Principal, endpoint: CallEndpoint, max_tokens: int | None) -> Call:
+        """The context of one backend call, with its deadline (``Settings.call_timeout`` from now)."""
+        return Call(
+            request_id=self.request_id(request),
+            principal=principal,
+            endpoint=endpoint,
+            deadline=anyio.current_time() + self.settings.call_timeout,
+            max_tokens=max_tokens,
+        )
 
     async def meter(self, principal: Principal) -> Meter:
         """Admit one billable call for ``principal`` before its body is read (429 if its budgets are spent)."""

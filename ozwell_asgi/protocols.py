@@ -27,7 +27,6 @@ __all__ = [
     "CompletesChat",
     "EmbeddingBackend",
     "KeyStore",
-    "ModelBackend",
     "ModelCatalog",
     "RateLimiter",
 ]
@@ -72,30 +71,6 @@ class CompletesChat(Protocol):
 class EmbeddingBackend(ModelCatalog, Protocol):
     async def embed(self, request: EmbeddingRequest, call: Call) -> EmbeddingResult:
         """One vector per input of ``request.inputs()``, in order, of ``request.dimensions`` when it is set."""
-        ...
-
-
-@runtime_checkable
-class ModelBackend(Protocol):
-    """Serves models. ``request`` is validated already; fields we do not model are in ``request.model_extra``."""
-
-    async def list_models(self) -> Sequence[ModelInfo]:
-        """Every model this backend serves. Called per request: cache it if it is costly to compute."""
-        ...
-
-    async def chat(self, request: ChatCompletionRequest) -> ChatResult:
-        """A whole completion, for ``stream: false``."""
-        ...
-
-    def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatChunk]:
-        """The completion as it is produced, for ``stream: true`` (an async generator, typically).
-
-        The iterator is closed (``aclose``) if the client goes away; release upstream resources then.
-        """
-        ...
-
-    async def embed(self, model: str, inputs: Sequence[str | Sequence[int]], dimensions: int | None) -> EmbeddingResult:
-        """One vector per input, in order."""
         ...
 
 

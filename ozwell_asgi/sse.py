@@ -9,9 +9,10 @@ import anyio
 
 from .types import Receive, Scope, Send
 
-__all__ = ["DONE", "SSEResponse", "event"]
+__all__ = ["DONE", "PING", "SSEResponse", "event"]
 
 DONE = b"data: [DONE]\n\n"
+PING = b": ping\n\n"  # a comment line: clients ignore it, intermediaries see traffic
 _HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),

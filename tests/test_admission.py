@@ -24,7 +24,7 @@ from ozwell_asgi.backends.echo import EchoBackend
 from ozwell_asgi.context import Settings
 from ozwell_asgi.ratelimit import LimitsRateLimiter
 from ozwell_asgi.tokens import default_tokenizer
-from ozwell_asgi.types import ChatChunk, ChatResult, Message
+from ozwell_asgi.types import Call, ChatChunk, ChatResult, Message
 from ozwell_asgi.wire.chat import ChatCompletionRequest
 from tests.harness import async_openai, raw_client, uvicorn_server
 
@@ -54,13 +54,13 @@ class RecordingEcho(EchoBackend):
         super().__init__()
         self.requests: list[ChatCompletionRequest] = []
 
-    async def chat(self, request: ChatCompletionRequest) -> ChatResult:
+    async def complete_chat(self, request: ChatCompletionRequest, ctx: Call) -> ChatResult:
         self.requests.append(request)
-        return await super().chat(request)
+        return await super().complete_chat(request, ctx)
 
-    async def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatChunk]:
+    async def stream_chat(self, request: ChatCompletionRequest, ctx: Call) -> AsyncIterator[ChatChunk]:
         self.requests.append(request)
-        async for chunk in super().chat_stream(request):
+        async for chunk in super().stream_chat(request, ctx):
             yield chunk
 
 
@@ -326,8 +326,8 @@ async def test_concurrent_requests_never_use_more_than_the_plan() -> None:
 class OverspendingBackend(EchoBackend):
     """A backend that ignores the bound and reports far more usage than was reserved."""
 
-    async def chat(self, request: ChatCompletionRequest) -> ChatResult:
-        result = await super().chat(request)
+    async def complete_chat(self, request: ChatCompletionRequest, ctx: Call) -> ChatResult:
+        result = await super().complete_chat(request, ctx)
         assert result.usage is not None
         return ChatResult(choices=result.choices, usage=type(result.usage)(result.usage.prompt_tokens, 50_000))
 

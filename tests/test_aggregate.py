@@ -133,6 +133,7 @@ async def test_logprobs_refusal_reasoning_and_unknown_fields() -> None:
     assert choice.message.refusal == "I cannot."
     assert choice.message.reasoning_content == "Thinking."
     assert choice.logprobs is not None
+    assert set(choice.logprobs) == {"content", "refusal"}
     assert [t["token"] for t in choice.logprobs["content"]] == ["I", "I"]
     assert [t["token"] for t in choice.logprobs["refusal"]] == ["I", " can", "not"]
     assert choice.message.extra == {
@@ -142,11 +143,20 @@ async def test_logprobs_refusal_reasoning_and_unknown_fields() -> None:
     }
 
 
-async def test_a_usage_only_stream_has_no_choices() -> None:
+async def test_a_stream_without_choices_answers_one_empty_choice() -> None:
     result = await collect_chat(stream_of([ChatChunk(usage=Usage(3, 0))]))
-    assert result.choices == ()
+    assert [(c.index, c.message.content, c.finish_reason) for c in result.choices] == [(0, "", "stop")]
     assert result.usage == Usage(3, 0)
-    assert (await collect_chat(stream_of([]))).choices == ()
+    result = await collect_chat(stream_of([]))
+    assert [(c.index, c.message.content, c.finish_reason) for c in result.choices] == [(0, "", "stop")]
+    assert result.usage is None
+
+
+async def test_content_is_null_only_beside_tool_calls_or_a_refusal() -> None:
+    result = await collect_chat(stream_of([ChatChunk(role="assistant"), ChatChunk(finish_reason="stop")]))
+    assert result.choices[0].message.content == ""
+    result = await collect_chat(stream_of([ChatChunk(role="assistant", refusal="No.")]))
+    assert (result.choices[0].message.content, result.choices[0].message.refusal) == (None, "No.")
 
 
 async def test_a_usage_carried_on_a_choice_chunk_counts() -> None:
@@ -186,37 +196,32 @@ async def test_the_stream_is_closed_on_error_and_on_cancel() -> None:
     assert closed == ["failing", "endless"]
 
 
-def echo_stream(backend: EchoBackend, request: ChatCompletionRequest) -> AsyncIterator[ChatChunk]:
-    """Echo's stream, before and after it moves to the stream_chat seam."""
-    stream_chat = getattr(backend, "stream_chat", None)
-    if stream_chat is not None:
-        principal = Principal(key_id="k", owner="o", plan="free", quota=Quota(None, None))
-        return stream_chat(request, Call(request_id="r", principal=principal, endpoint="chat.completions"))  # type: ignore[no-any-return]
-    return backend.chat_stream(request)
+CALL = Call(
+    request_id="r",
+    principal=Principal(key_id="k", owner="o", plan="free", quota=Quota(None, None)),
+    endpoint="chat.completions",
+)
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
 
 
-async def test_echo_streams_fold_into_the_answer() -> None:
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {},
+        {"n": 3, "logprobs": True, "top_logprobs": 2},
+        {"stop": "brown", "n": 2},
+        {"max_completion_tokens": 2},
+        {"tools": TOOLS, "tool_choice": "required", "n": 2},
+        {"response_format": {"type": "json_object"}},
+    ],
+    ids=["plain", "n-logprobs", "stop", "length", "tool-calls", "json"],
+)
+async def test_echo_streams_fold_into_echos_own_answer(fields: dict[str, Any]) -> None:
     echo = EchoBackend()
     messages = [{"role": "user", "content": "The quick brown fox"}]
-    request = ChatCompletionRequest.model_validate({"model": "echo", "messages": messages, "n": 3, "logprobs": True})
-    result = await collect_chat(echo_stream(echo, request))
-    assert [c.message.content for c in result.choices] == ["The quick brown fox"] * 3
-    assert [c.finish_reason for c in result.choices] == ["stop"] * 3
-    for choice in result.choices:
-        assert choice.logprobs is not None
-        assert "".join(t["token"] for t in choice.logprobs["content"]) == "The quick brown fox"
-    assert result.usage is not None and result.usage.completion_tokens == 3 * echo.tokenizer.count(
-        "The quick brown fox"
-    )
-
-    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
-    request = ChatCompletionRequest.model_validate(
-        {"model": "echo", "messages": messages, "tools": tools, "tool_choice": "required", "n": 2}
-    )
-    result = await collect_chat(echo_stream(echo, request))
-    for choice in result.choices:
-        (call,) = choice.message.tool_calls
-        assert (call.name, json.loads(call.arguments), call.type) == ("f", {}, "function")
-        assert call.id.startswith("call_")
-        assert choice.message.content is None
-        assert choice.finish_reason == "tool_calls"
+    request = ChatCompletionRequest.model_validate({"model": "echo", "messages": messages, **fields})
+    folded = await collect_chat(echo.stream_chat(request, CALL))
+    whole = await echo.complete_chat(request, CALL)
+    assert folded.choices == whole.choices
+    assert folded.usage == whole.usage
+    assert len(folded.choices) == request.choice_count

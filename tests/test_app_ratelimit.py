@@ -29,10 +29,10 @@ from ozwell_asgi.stores.redis import RedisKeyStore
 from ozwell_asgi.tokens import count_chat_prompt
 from ozwell_asgi.types import (
     AssistantMessage,
+    Call,
     ChatChoice,
     ChatChunk,
     ChatResult,
-    EmbeddingResult,
     Message,
     ModelInfo,
     Receive,
@@ -201,22 +201,19 @@ class GatedBackend:
     async def list_models(self) -> Sequence[ModelInfo]:
         return (ModelInfo(id="gated"),)
 
-    async def chat(self, request: Any) -> ChatResult:
+    async def complete_chat(self, request: Any, call: Call) -> ChatResult:
         self.inside += 1
         await self.release.wait()
         choice = ChatChoice(index=0, message=AssistantMessage(content=ANSWER), finish_reason="stop")
         return ChatResult(choices=(choice,), usage=self.usage)
 
-    async def chat_stream(self, request: Any) -> AsyncIterator[ChatChunk]:
+    async def stream_chat(self, request: Any, call: Call) -> AsyncIterator[ChatChunk]:
         yield ChatChunk(role="assistant", content="")
         self.inside += 1
         await self.release.wait()
         yield ChatChunk(content=ANSWER)
         yield ChatChunk(finish_reason="stop")
         yield ChatChunk(usage=self.usage)
-
-    async def embed(self, model: str, inputs: Sequence[str | Sequence[int]], dimensions: int | None) -> EmbeddingResult:
-        raise NotImplementedError
 
 
 async def wait_until(condition: Any) -> None:

@@ -13,7 +13,7 @@ import pytest
 from ozwell_asgi import OzwellAPI
 from ozwell_asgi.backends.echo import EchoBackend
 from ozwell_asgi.errors import BadGatewayError
-from ozwell_asgi.types import ChatChunk, ChatResult, EmbeddingResult, ModelInfo
+from ozwell_asgi.types import Call, ChatChunk, ChatResult, ModelInfo
 from tests.harness import async_openai, raw_client, sync_openai
 from tests.openai_schema import validate
 
@@ -298,9 +298,9 @@ class RecordingBackend(EchoBackend):
         super().__init__()
         self.seen: list[Any] = []
 
-    async def chat(self, request: Any) -> ChatResult:
+    async def complete_chat(self, request: Any, ctx: Call) -> ChatResult:
         self.seen.append(request)
-        return await super().chat(request)
+        return await super().complete_chat(request, ctx)
 
 
 async def test_unknown_fields_reach_the_backend() -> None:
@@ -341,12 +341,12 @@ class FailingBackend:
     async def list_models(self) -> Sequence[ModelInfo]:
         return (ModelInfo(id="flaky"),)
 
-    async def chat(self, request: Any) -> ChatResult:
+    async def complete_chat(self, request: Any, call: Call) -> ChatResult:
         if self.mode == "crash":
             raise RuntimeError("secret internal detail: db password hunter2")
         raise BadGatewayError("The upstream model server failed.")
 
-    async def chat_stream(self, request: Any) -> AsyncIterator[ChatChunk]:
+    async def stream_chat(self, request: Any, call: Call) -> AsyncIterator[ChatChunk]:
         try:
             if self.mode == "early":
                 raise BadGatewayError("The upstream model server failed.")
@@ -355,9 +355,6 @@ class FailingBackend:
             raise RuntimeError("secret internal detail: stack")
         finally:
             self.closed.set()
-
-    async def embed(self, model: str, inputs: Sequence[str | Sequence[int]], dimensions: int | None) -> EmbeddingResult:
-        raise NotImplementedError
 
 
 async def test_backend_crash_is_500_without_internals() -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import anyio
+import openai
 import pytest
 
 from ozwell_asgi import OzwellAPI
 from ozwell_asgi.context import Settings
-from tests.harness import raw_client
+from tests.harness import async_openai, raw_client
 from tests.openai_schema import validate
 
 pytestmark = pytest.mark.anyio
@@ -160,7 +161,7 @@ async def test_body_errors(api_and_key: tuple[OzwellAPI, str]) -> None:
 
         bad = {"model": "echo", "messages": [{"role": "user", "content": "x"}, {"role": "robot", "content": "y"}]}
         response = await http.post("/chat/completions", json=bad, headers=auth)
-        assert response.status_code == 400 and envelope(response)["param"] == "messages.1.role"
+        assert response.status_code == 400 and envelope(response)["param"] == "messages[1].role"
 
         response = await http.post(
             "/chat/completions", json={"model": "echo", "messages": [], "temperature": 1}, headers=auth
@@ -180,6 +181,222 @@ async def test_body_errors(api_and_key: tuple[OzwellAPI, str]) -> None:
 
         response = await http.post("/chat/completions", json=GOOD | {"tool_choice": "required"}, headers=auth)
         assert response.status_code == 400 and envelope(response)["param"] == "tool_choice"
+
+
+@pytest.fixture
+async def roomy_api_and_key() -> tuple[OzwellAPI, str]:
+    """The default body cap and an unlimited plan: room for bodies at and past OpenAI's limits."""
+    api = OzwellAPI(secret="s" * 32)
+    _, secret = await api.keys.create(name="test", owner="alice", plan="enterprise")
+    return api, secret
+
+
+def _tools(count: int, name: str = "f") -> list[dict[str, Any]]:
+    return [{"type": "function", "function": {"name": f"{name}{i}"}} for i in range(count)]
+
+
+# (case, extra body fields, param, code, message); each has a twin at the limit that is accepted.
+OPENAI_LIMITS: list[tuple[str, dict[str, Any], str, str, str]] = [
+    (
+        "metadata pairs",
+        {"metadata": {f"k{i}": "v" for i in range(17)}},
+        "metadata",
+        "invalid_value",
+        "Invalid 'metadata': too many properties. "
+        "Expected an object with at most 16 properties, but got an object with 17 properties instead.",
+    ),
+    (
+        "metadata key length",
+        {"metadata": {"k" * 65: "v"}},
+        "metadata." + "k" * 65,
+        "invalid_value",
+        f"Invalid property name in 'metadata': '{'k' * 65}' is too long. "
+        "Expected a string with maximum length 64, but got a string with length 65 instead.",
+    ),
+    (
+        "metadata value length",
+        {"metadata": {"note": "v" * 513}},
+        "metadata.note",
+        "invalid_value",
+        "Invalid 'metadata.note': string too long. "
+        "Expected a string with maximum length 512, but got a string with length 513 instead.",
+    ),
+    (
+        "logit_bias entries",
+        {"logit_bias": {str(i): -1 for i in range(301)}},
+        "logit_bias",
+        "invalid_value",
+        "Invalid 'logit_bias': too many properties. "
+        "Expected an object with at most 300 properties, but got an object with 301 properties instead.",
+    ),
+    (
+        "tools",
+        {"tools": _tools(129)},
+        "tools",
+        "invalid_value",
+        "Invalid 'tools': array too long. "
+        "Expected an array with maximum length 128, but got an array with length 129 instead.",
+    ),
+    (
+        "stop sequences",
+        {"stop": ["a", "b", "c", "d", "e"]},
+        "stop",
+        "invalid_value",
+        "Invalid 'stop': array too long. "
+        "Expected an array with maximum length 4, but got an array with length 5 instead.",
+    ),
+    (
+        "n",
+        {"n": 129},
+        "n",
+        "invalid_value",
+        "Invalid 'n': integer above maximum value. Expected a value <= 128, but got 129 instead.",
+    ),
+    (
+        "function name pattern",
+        {"tools": [*_tools(1), {"type": "function", "function": {"name": "mcp.search"}}]},
+        "tools[1].function.name",
+        "invalid_value",
+        "Invalid 'tools[1].function.name': string does not match pattern. "
+        "Expected a string that matches the pattern '^[a-zA-Z0-9_-]+$'.",
+    ),
+    (
+        "function name length",
+        {"functions": [{"name": "f" * 65}]},
+        "functions[0].name",
+        "invalid_value",
+        "Invalid 'functions[0].name': string too long. "
+        "Expected a string with maximum length 64, but got a string with length 65 instead.",
+    ),
+]
+
+AT_THE_LIMITS: dict[str, Any] = {
+    "metadata": {f"{i:02d}" + "k" * 62: "v" * 512 for i in range(16)},
+    "logit_bias": {str(i): -1 for i in range(300)},
+    "tools": _tools(128, name="f_-" + "x" * 56),
+    "stop": ["a", "b", "c", "d"],
+    "n": 128,
+    "max_tokens": 1,
+}
+
+
+@pytest.mark.parametrize(
+    ("fields", "param", "code", "message"), [c[1:] for c in OPENAI_LIMITS], ids=[c[0] for c in OPENAI_LIMITS]
+)
+async def test_openai_limits_are_400s_in_openai_words(
+    roomy_api_and_key: tuple[OzwellAPI, str], fields: dict[str, Any], param: str, code: str, message: str
+) -> None:
+    api, key = roomy_api_and_key
+    async with raw_client(api) as http:
+        response = await http.post("/chat/completions", json=GOOD | fields, headers={"authorization": f"Bearer {key}"})
+    assert response.status_code == 400
+    assert envelope(response) == {"message": message, "type": "invalid_request_error", "param": param, "code": code}
+
+
+async def test_requests_at_openai_limits_are_served(roomy_api_and_key: tuple[OzwellAPI, str]) -> None:
+    api, key = roomy_api_and_key
+    async with raw_client(api) as http:
+        response = await http.post(
+            "/chat/completions", json=GOOD | AT_THE_LIMITS, headers={"authorization": f"Bearer {key}"}
+        )
+    assert response.status_code == 200, response.text
+    assert len(response.json()["choices"]) == 128
+
+
+async def test_param_is_spelled_as_openai_does(roomy_api_and_key: tuple[OzwellAPI, str]) -> None:
+    api, key = roomy_api_and_key
+    auth = {"authorization": f"Bearer {key}"}
+    user = {"role": "user", "content": "hi"}
+    cases: list[tuple[dict[str, Any], str, str]] = [
+        (
+            {"messages": [{"role": "user", "content": {"type": "text", "text": "hi"}}]},
+            "messages[0].content",
+            "Invalid type for 'messages[0].content': expected one of a string or array of objects, but got an "
+            "object instead.",
+        ),
+        (
+            {"messages": [user, {"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "text"}]}]},
+            "messages[1].content[1].text",
+            "Missing required parameter: 'messages[1].content[1].text'.",
+        ),
+        (
+            {"messages": [user], "tools": [*_tools(1), {"type": "function", "function": {"name": 5}}]},
+            "tools[1].function.name",
+            "Invalid type for 'tools[1].function.name': expected a string, but got an integer instead.",
+        ),
+        (
+            {"messages": [user], "logit_bias": {"50256": 101}},
+            "logit_bias.50256",
+            "Invalid 'logit_bias.50256': integer above maximum value. Expected a value <= 100, but got 101 instead.",
+        ),
+        (
+            {"messages": [user], "audio": {"voice": {"id": "v", "pitch": 2}, "format": "mp3"}},
+            "audio.voice.pitch",
+            "Unrecognized request argument supplied: audio.voice.pitch",
+        ),
+    ]
+    async with raw_client(api) as http:
+        for fields, param, message in cases:
+            response = await http.post("/chat/completions", json={"model": "echo"} | fields, headers=auth)
+            assert response.status_code == 400, param
+            error = envelope(response)
+            assert (error["param"], error["message"]) == (param, message)
+
+
+async def test_hostile_bodies_are_answered_with_one_error(roomy_api_and_key: tuple[OzwellAPI, str]) -> None:
+    # 100,000 bad messages, or a closed object with 300,000 unknown fields: one 400 naming the first, never a 5xx.
+    api, key = roomy_api_and_key
+    auth = {"authorization": f"Bearer {key}"}
+    voice = {"id": "v"} | {f"x{i}": 1 for i in range(300_000)}
+    async with raw_client(api) as http:
+        response = await http.post(
+            "/chat/completions", json={"model": "echo", "messages": [{"role": "robot"}] * 100_000}, headers=auth
+        )
+        assert response.status_code == 400 and envelope(response)["param"] == "messages[0].role"
+        response = await http.post(
+            "/chat/completions", json=GOOD | {"audio": {"voice": voice, "format": "mp3"}}, headers=auth
+        )
+        assert response.status_code == 400
+        assert envelope(response)["message"] == "Unrecognized request argument supplied: audio.voice.x0"
+        depth = 100_000
+        deep = b'{"model": "echo", "messages": [{"role": "user", "content": "x"}], "x": ' + b"[" * depth + b"]" * depth
+        response = await http.post("/chat/completions", content=deep + b"}", headers=auth)
+        assert response.status_code == 400 and "more deeply than we accept" in envelope(response)["message"]
+
+
+async def test_openai_sdk_sees_openai_params(roomy_api_and_key: tuple[OzwellAPI, str]) -> None:
+    api, key = roomy_api_and_key
+    client = async_openai(api, key, max_retries=0)
+    try:
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(
+                model="echo", messages=[{"role": "user", "content": "hi"}], metadata={f"k{i}": "v" for i in range(17)}
+            )
+        assert (info.value.status_code, info.value.param, info.value.code) == (400, "metadata", "invalid_value")
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(
+                model="echo",
+                messages=[{"role": "user", "content": "hi"}],
+                tools=[{"type": "function", "function": {"name": "search the web"}}],
+            )
+        assert info.value.param == "tools[0].function.name"
+        assert "string does not match pattern" in info.value.message
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(
+                model="echo",
+                messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": 5}],  # type: ignore[list-item]
+            )
+        assert info.value.param == "messages[1].content"
+        served = await client.chat.completions.create(
+            model="echo",
+            messages=[{"role": "user", "content": "hi"}],
+            metadata={f"k{i}": "v" * 512 for i in range(16)},
+            tools=[{"type": "function", "function": {"name": f"tool_{i}"}} for i in range(128)],
+            logit_bias={str(i): 1 for i in range(300)},
+        )
+        assert served.choices[0].message.role == "assistant"
+    finally:
+        await client.close()
 
 
 async def test_request_id_is_echoed(api_and_key: tuple[OzwellAPI, str]) -> None:

@@ -37,7 +37,9 @@ async def test_custom_backend_example() -> None:
         model="shout-1", messages=[{"role": "user", "content": "quiet please"}], stream=True
     )
     assert "".join([c.choices[0].delta.content or "" async for c in stream]) == "QUIET PLEASE"
-    assert [m.id for m in (await client.models.list()).data] == ["shout-1"]
+    assert [m.id for m in (await client.models.list()).data] == ["shout-1", "echo-embedding"]
+    embedded = await client.embeddings.create(model="echo-embedding", input=["a", "b"], dimensions=8)
+    assert [len(e.embedding) for e in embedded.data] == [8, 8]
     await client.close()
 
 

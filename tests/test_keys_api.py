@@ -331,7 +331,7 @@ async def test_global_admin_manages_every_owner(world: World) -> None:
         ({"name": "x", "expires_in": True}, "expires_in", "invalid_type"),
         ({"name": "x", "scopes": ["root"]}, "scopes", None),
         ({"name": "x", "scopes": "api"}, "scopes", "invalid_type"),
-        ({"name": "x", "models": [1]}, "models.0", "invalid_type"),
+        ({"name": "x", "models": [1]}, "models[0]", "invalid_type"),
         ({"name": "x", "scope": ["api"]}, "scope", "unknown_parameter"),
         ([{"name": "x"}], None, "invalid_type"),
     ],

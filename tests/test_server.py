@@ -14,7 +14,7 @@ import pytest
 
 from ozwell_asgi import OzwellAPI
 from ozwell_asgi.app import PrefixedApp
-from ozwell_asgi.types import ChatChunk, ChatResult, EmbeddingResult, ModelInfo
+from ozwell_asgi.types import Call, ChatChunk, ModelInfo
 from tests.harness import uvicorn_server
 
 pytestmark = pytest.mark.slow
@@ -29,10 +29,7 @@ class SlowBackend:
     async def list_models(self) -> Sequence[ModelInfo]:
         return (ModelInfo(id="slow"),)
 
-    async def chat(self, request: Any) -> ChatResult:
-        raise NotImplementedError
-
-    async def chat_stream(self, request: Any) -> AsyncIterator[ChatChunk]:
+    async def stream_chat(self, request: Any, call: Call) -> AsyncIterator[ChatChunk]:
         try:
             yield ChatChunk(role="assistant", content="")
             while True:
@@ -40,9 +37,6 @@ class SlowBackend:
                 yield ChatChunk(content=" word")
         finally:
             self.closed.set()
-
-    async def embed(self, model: str, inputs: Sequence[str | Sequence[int]], dimensions: int | None) -> EmbeddingResult:
-        raise NotImplementedError
 
 
 def make_key(api: OzwellAPI, **kwargs: Any) -> str:

@@ -9,7 +9,16 @@ import pytest
 from pydantic import ValidationError
 
 from ozwell_asgi.errors import InvalidRequestError
-from ozwell_asgi.wire._errors import INVALID_JSON_MESSAGE, clean_loc, invalid_request
+from ozwell_asgi.wire._errors import (
+    INVALID_JSON_MESSAGE,
+    MAX_EXAMINED_ERRORS,
+    TOO_DEEP_MESSAGE,
+    clean_loc,
+    describe_error,
+    format_param,
+    invalid_request,
+    pick_error,
+)
 from ozwell_asgi.wire.chat import (
     AssistantMessage,
     AudioContentPart,
@@ -231,8 +240,8 @@ def _body(**fields: Any) -> bytes:
 
 
 BAD: list[tuple[str, bytes, str | None, str | None]] = [
-    ("bad role", _body(messages=[{"role": "robot", "content": "x"}]), "messages.0.role", "invalid_value"),
-    ("missing role", _body(messages=[{"content": "x"}]), "messages.0.role", "missing_required_parameter"),
+    ("bad role", _body(messages=[{"role": "robot", "content": "x"}]), "messages[0].role", "invalid_value"),
+    ("missing role", _body(messages=[{"content": "x"}]), "messages[0].role", "missing_required_parameter"),
     ("temperature too high", _body(temperature=3), "temperature", "invalid_value"),
     ("temperature a string", _body(temperature="0.5"), "temperature", "invalid_type"),
     ("n zero", _body(n=0), "n", "invalid_value"),
@@ -246,19 +255,19 @@ BAD: list[tuple[str, bytes, str | None, str | None]] = [
     (
         "content wrong type",
         _body(messages=[USER, {"role": "user", "content": 5}]),
-        "messages.1.content",
+        "messages[1].content",
         "invalid_type",
     ),
     (
         "text part without text",
         _body(messages=[{"role": "user", "content": [{"type": "text"}]}]),
-        "messages.0.content.0.text",
+        "messages[0].content[0].text",
         "missing_required_parameter",
     ),
     (
         "unknown part type",
         _body(messages=[{"role": "user", "content": [{"type": "video"}]}]),
-        "messages.0.content.0.type",
+        "messages[0].content[0].type",
         "invalid_value",
     ),
     (
@@ -266,19 +275,19 @@ BAD: list[tuple[str, bytes, str | None, str | None]] = [
         _body(
             messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u", "detail": "max"}}]}]
         ),
-        "messages.0.content.0.image_url.detail",
+        "messages[0].content[0].image_url.detail",
         "invalid_value",
     ),
     (
         "tool without function name",
         _body(tools=[{"type": "function", "function": {"parameters": {}}}]),
-        "tools.0.function.name",
+        "tools[0].function.name",
         "missing_required_parameter",
     ),
     (
         "tool function name not a string",
         _body(tools=[{"type": "function", "function": {"name": 1}}]),
-        "tools.0.function.name",
+        "tools[0].function.name",
         "invalid_type",
     ),
     ("tool_choice bad string", _body(tool_choice="always"), "tool_choice", "invalid_value"),
@@ -309,10 +318,65 @@ BAD: list[tuple[str, bytes, str | None, str | None]] = [
     (
         "tool message without id",
         _body(messages=[{"role": "tool", "content": "x"}]),
-        "messages.0.tool_call_id",
+        "messages[0].tool_call_id",
         "missing_required_parameter",
     ),
     ("max_tokens not int", _body(max_tokens=1.5), "max_tokens", "invalid_type"),
+    (
+        "tool_call function without arguments",
+        _body(
+            messages=[{"role": "assistant", "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f"}}]}]
+        ),
+        "messages[0].tool_calls[0].function.arguments",
+        "missing_required_parameter",
+    ),
+    ("stop entry not a string", _body(stop=["a", 1]), "stop[1]", "invalid_type"),
+    ("modalities bad entry", _body(modalities=["text", "video"]), "modalities[1]", "invalid_value"),
+    # OpenAI's fixed limits
+    ("metadata 17 pairs", _body(metadata={f"k{i}": "v" for i in range(17)}), "metadata", "invalid_value"),
+    ("metadata value 513", _body(metadata={"k": "v" * 513}), "metadata.k", "invalid_value"),
+    ("metadata value not a string", _body(metadata={"k": 1}), "metadata.k", "invalid_type"),
+    ("metadata key 65", _body(metadata={"k" * 65: "v"}), "metadata." + "k" * 65, "invalid_value"),
+    ("logit_bias 301 entries", _body(logit_bias={str(i): 1 for i in range(301)}), "logit_bias", "invalid_value"),
+    (
+        "tools 129",
+        _body(tools=[{"type": "function", "function": {"name": f"f{i}"}} for i in range(129)]),
+        "tools",
+        "invalid_value",
+    ),
+    (
+        "tool name with a dot",
+        _body(
+            tools=[{"type": "function", "function": {"name": "ok"}}, {"type": "function", "function": {"name": "a.b"}}]
+        ),
+        "tools[1].function.name",
+        "invalid_value",
+    ),
+    (
+        "tool name 65",
+        _body(tools=[{"type": "function", "function": {"name": "f" * 65}}]),
+        "tools[0].function.name",
+        "invalid_value",
+    ),
+    ("functions name with a space", _body(functions=[{"name": "a b"}]), "functions[0].name", "invalid_value"),
+    (
+        "json_schema name with a slash",
+        _body(response_format={"type": "json_schema", "json_schema": {"name": "a/b"}}),
+        "response_format.json_schema.name",
+        "invalid_value",
+    ),
+    (
+        "unknown field in a closed object",
+        _body(audio={"voice": {"id": "v", "color": "blue", "size": 2}, "format": "mp3"}),
+        "audio.voice.color",
+        "unknown_parameter",
+    ),
+    (
+        "unknown field in a closed custom tool format",
+        _body(tools=[{"type": "custom", "custom": {"name": "x", "format": {"type": "text", "x": 1}}}]),
+        "tools[0].custom.format.x",
+        "unknown_parameter",
+    ),
     ("malformed JSON", b'{"model": "m", "messages": [', None, None),
     ("empty body", b"", None, None),
     ("JSON array body", b'[{"model": "m"}]', None, "invalid_type"),
@@ -346,7 +410,11 @@ def test_bad_requests_map_to_openai_errors(body: bytes, param: str | None, code:
     ):
         assert leak not in msg, (leak, msg)
     if param is not None:
-        assert f"'{param}'" in msg or msg.startswith("Invalid value:"), msg
+        assert (
+            f"'{param}'" in msg
+            or f"supplied: {param}" in msg
+            or msg.startswith(("Invalid value:", "Invalid property name in"))
+        ), msg
     validate("ErrorResponse", err.to_dict())
 
 
@@ -368,7 +436,8 @@ def test_exact_messages_for_the_common_cases() -> None:
         "'developer', 'system', 'user', 'assistant', 'tool', and 'function'."
     )
     assert message(_body(messages=[USER, {"role": "user", "content": 5}])) == (
-        "Invalid type for 'messages.1.content': expected one of a string or an array, but got an integer instead."
+        "Invalid type for 'messages[1].content': expected one of a string or array of objects, but got an integer "
+        "instead."
     )
     assert message(_body(stop=["a"] * 5)) == (
         "Invalid 'stop': array too long. "
@@ -376,12 +445,171 @@ def test_exact_messages_for_the_common_cases() -> None:
     )
 
 
+def test_openai_limits_answer_in_openai_words() -> None:
+    def message(body: bytes) -> str:
+        with pytest.raises(InvalidRequestError) as info:
+            parse_chat_request(body)
+        return info.value.message
+
+    assert message(_body(metadata={f"k{i}": "v" for i in range(17)})) == (
+        "Invalid 'metadata': too many properties. "
+        "Expected an object with at most 16 properties, but got an object with 17 properties instead."
+    )
+    assert message(_body(metadata={"actual": "v" * 695})) == (
+        "Invalid 'metadata.actual': string too long. "
+        "Expected a string with maximum length 512, but got a string with length 695 instead."
+    )
+    assert message(_body(metadata={"k" * 65: "v"})) == (
+        f"Invalid property name in 'metadata': '{'k' * 65}' is too long. "
+        "Expected a string with maximum length 64, but got a string with length 65 instead."
+    )
+    assert message(_body(logit_bias={str(i): 0 for i in range(1000)})) == (
+        "Invalid 'logit_bias': too many properties. "
+        "Expected an object with at most 300 properties, but got an object with 1000 properties instead."
+    )
+    assert message(_body(tools=[{"type": "function", "function": {"name": "f"}}] * 325)) == (
+        "Invalid 'tools': array too long. "
+        "Expected an array with maximum length 128, but got an array with length 325 instead."
+    )
+    assert message(_body(tools=[{"type": "function", "function": {"name": "mcp.search"}}])) == (
+        "Invalid 'tools[0].function.name': string does not match pattern. "
+        "Expected a string that matches the pattern '^[a-zA-Z0-9_-]+$'."
+    )
+    assert message(_body(tools=[{"type": "function", "function": {"name": "f" * 70}}])) == (
+        "Invalid 'tools[0].function.name': string too long. "
+        "Expected a string with maximum length 64, but got a string with length 70 instead."
+    )
+    assert message(_body(audio={"voice": {"id": "v", "color": "blue"}, "format": "mp3"})) == (
+        "Unrecognized request argument supplied: audio.voice.color"
+    )
+
+
+def test_limits_accept_what_openai_accepts() -> None:
+    at_the_limits = _body(
+        metadata={f"{i:02d}" + "k" * 62: "v" * 512 for i in range(16)},
+        logit_bias={str(i): 100 for i in range(300)},
+        tools=[{"type": "function", "function": {"name": f"{i}-_" + "a" * 58}} for i in range(128)],
+        functions=[{"name": "A-z_0-9"}] * 128,
+        stop=["a", "b", "c", "d"],
+        n=128,
+        response_format={"type": "json_schema", "json_schema": {"name": "x" * 64}},
+    )
+    req = parse_chat_request(at_the_limits)
+    assert req.metadata is not None and len(req.metadata) == 16
+    assert req.logit_bias is not None and len(req.logit_bias) == 300
+    assert req.tools is not None and len(req.tools) == 128
+    assert all(len(key) == 64 for key in req.metadata)
+
+
+def test_union_type_errors_list_the_member_kinds() -> None:
+    def message(body: bytes) -> str:
+        with pytest.raises(InvalidRequestError) as info:
+            parse_chat_request(body)
+        return info.value.message
+
+    # The contract's own example.
+    assert message(_body(messages=[{"role": "user", "content": {"type": "text", "text": "hi"}}])) == (
+        "Invalid type for 'messages[0].content': expected one of a string or array of objects, but got an object "
+        "instead."
+    )
+    for role in ("system", "developer", "tool", "assistant"):
+        msg = {"role": role, "content": 7, "tool_call_id": "c"}
+        assert "expected one of a string or array of objects, but got an integer" in message(_body(messages=[msg]))
+    assert message(_body(stop=5)) == (
+        "Invalid type for 'stop': expected one of a string or array of strings, but got an integer instead."
+    )
+    assert message(_body(tool_choice=3)) == (
+        "Invalid type for 'tool_choice': expected one of a string or an object, but got an integer instead."
+    )
+    assert message(_body(audio={"voice": [], "format": "mp3"})) == (
+        "Invalid type for 'audio.voice': expected one of a string or an object, but got an array instead."
+    )
+    # Not a union: one kind.
+    assert message(_body(tools={"type": "function"})) == (
+        "Invalid type for 'tools': expected an array, but got an object instead."
+    )
+
+
+def test_hostile_bodies_yield_a_handful_of_errors() -> None:
+    # Pydantic reports every error it finds; the wire models stop at the first bad item of any list or map and at
+    # the first unknown field of a closed object, so the error count never grows with the body.
+    many = 20_000
+    hostile = {
+        "bad messages": _body(messages=[{"role": "robot"}] * many),
+        "bad parts": _body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}] * many}]),
+        "bad tool calls": _body(messages=[{"role": "assistant", "tool_calls": [{"id": 1}] * many}]),
+        "bad stop": _body(stop=[1] * many),
+        "bad tools": _body(tools=[{"type": "function", "function": {}}] * many),
+        "bad functions": _body(functions=[{}] * many),
+        "bad modalities": _body(modalities=["video"] * many),
+        "bad metadata": _body(metadata={f"k{i}": i for i in range(many)}),
+        "bad logit_bias": _body(logit_bias={str(i): 1000 for i in range(many)}),
+        "bad allowed tools": _body(
+            tool_choice={"type": "allowed_tools", "allowed_tools": {"mode": "auto", "tools": [1] * many}}
+        ),
+        "unknown fields of a closed object": _body(
+            audio={"voice": {"id": "v"} | {f"x{i}": 1 for i in range(many)}, "format": "mp3"}
+        ),
+        "too many metadata pairs": _body(metadata={f"k{i}": "v" for i in range(many)}),
+    }
+    for name, body in hostile.items():
+        with pytest.raises(ValidationError) as info:
+            ChatCompletionRequest.model_validate_json(body, strict=True)
+        assert info.value.error_count() <= 10, (name, info.value.error_count())
+        with pytest.raises(InvalidRequestError) as mapped:
+            parse_chat_request(body)
+        assert mapped.value.param is not None and len(mapped.value.param) < 200, name
+
+
+def test_the_mapper_reads_a_bounded_number_of_errors() -> None:
+    # A model without fail_fast (a host's own, say) can hand over 50,000 errors: only the first ones are read, so
+    # the deep error at the end is not the one reported, and no work is done per remaining error.
+    from pydantic import BaseModel, Field
+
+    class Loose(BaseModel):
+        items: list[int | bool]
+        deep: list[list[int]] = Field(default_factory=list)
+
+    body = {"items": ["x"] * 50_000, "deep": [[1, "y"]]}
+    with pytest.raises(ValidationError) as info:
+        Loose.model_validate(body, strict=True)
+    assert info.value.error_count() > 100_000
+    errors = info.value.errors(include_url=False)
+    err, path, siblings = pick_error(errors, body)
+    assert path == ["items", 0]
+    assert [e["type"] for e in siblings] == ["int_type", "bool_type"]  # both alternatives of items[0]
+    assert errors.index(err) < MAX_EXAMINED_ERRORS
+    assert describe_error(err, path, siblings[1:]).message == (
+        "Invalid type for 'items[0]': expected one of an integer or a boolean, but got a string instead."
+    )
+
+
+def test_deep_json_is_refused_in_bounded_time() -> None:
+    # Valid JSON nested a million levels deep, where the model accepts anything (a function's parameters).
+    depth = 1_000_000
+    tool = '{"type": "function", "function": {"name": "f", "parameters": {"a": ' + "[" * depth + "]" * depth + "}}}"
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [' + tool.encode() + b"]}"
+    with pytest.raises(InvalidRequestError) as info:
+        parse_chat_request(body)
+    assert (info.value.status, info.value.param, info.value.message) == (400, None, TOO_DEEP_MESSAGE)
+    shallow = '{"type": "function", "function": {"name": "f", "parameters": {"a": ' + "[" * 100 + "]" * 100 + "}}}"
+    parse_chat_request(
+        b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [' + shallow.encode() + b"]}"
+    )
+
+
 def test_error_cleaner_is_generic() -> None:
     # Labels pydantic adds (union members, discriminator tags) are dropped; body keys and indexes are kept.
     root = {"a": [{"b": {"c": 1}}]}
-    assert clean_loc(("a", 0, "tag", "b", "list[str]", "c"), root) == ["a", "0", "b", "c"]
-    assert clean_loc(("a", 0, "b", "missing"), root, keep_last=True) == ["a", "0", "b", "missing"]
-    assert clean_loc(("a", 0, "b", "missing"), root) == ["a", "0", "b"]
+    assert clean_loc(("a", 0, "tag", "b", "list[str]", "c"), root) == ["a", 0, "b", "c"]
+    assert clean_loc(("a", 0, "b", "missing"), root, keep_last=True) == ["a", 0, "b", "missing"]
+    assert clean_loc(("a", 0, "b", "missing"), root) == ["a", 0, "b"]
+    # OpenAI's spelling: indexes in brackets, keys after dots (a body key that looks like a number stays a key).
+    assert format_param(["a", 0, "b", "c"]) == "a[0].b.c"
+    assert format_param(["logit_bias", "50256"]) == "logit_bias.50256"
+    assert format_param(["tools", 1, "function", "name"]) == "tools[1].function.name"
+    assert format_param([]) is None
+    assert format_param(["metadata", "k" * 500]) == "metadata." + "k" * 100 + "..."
 
     from pydantic import BaseModel, Field
 
@@ -394,8 +622,8 @@ def test_error_cleaner_is_generic() -> None:
         wire = invalid_request(exc, {"items": [1, "x"]})
     else:  # pragma: no cover
         pytest.fail("expected a ValidationError")
-    assert (wire.param, wire.code) == ("items.1", "invalid_type")
-    assert wire.message == "Invalid type for 'items.1': expected an integer, but got a string instead."
+    assert (wire.param, wire.code) == ("items[1]", "invalid_type")
+    assert wire.message == "Invalid type for 'items[1]': expected an integer, but got a string instead."
 
 
 def test_chat_request_model_is_fast_path_model_validate_json() -> None:

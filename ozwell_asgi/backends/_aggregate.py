@@ -117,6 +117,8 @@ class _ChoiceParts:
         content = "".join(self.content) if self.content is not None else None
         if calls and not content:
             content = None  # OpenAI's non-stream answer has ``content: null`` beside tool calls
+        elif content is None and not calls and self.refusal is None:
+            content = ""  # an empty text answer
         message = AssistantMessage(
             content=content,
             tool_calls=calls,
@@ -126,7 +128,10 @@ class _ChoiceParts:
         )
         # A stream that ended without a finish_reason stopped on its own; an upstream's reason is kept as sent.
         finish = cast(FinishReason, self.finish_reason or ("tool_calls" if calls else "stop"))
-        return ChatChoice(index=index, message=message, finish_reason=finish, logprobs=self.logprobs)
+        logprobs = self.logprobs
+        if logprobs is not None:  # both lists are in OpenAI's shape, null when none came
+            logprobs = {"content": None, "refusal": None, **logprobs}
+        return ChatChoice(index=index, message=message, finish_reason=finish, logprobs=logprobs)
 
 
 def _carries_choice(chunk: ChatChunk) -> bool:
@@ -143,8 +148,8 @@ def _carries_choice(chunk: ChatChunk) -> bool:
 
 
 async def collect_chat(stream: AsyncIterator[ChatChunk]) -> ChatResult:
-    """The whole completion ``stream`` produces, choices ordered by index. The stream is closed (``aclose``) when
-    this returns or raises, cancellation included."""
+    """The whole completion ``stream`` produces, choices ordered by index (one empty choice if it sent none).
+    The stream is closed (``aclose``) when this returns or raises, cancellation included."""
     choices: dict[int, _ChoiceParts] = {}
     usage: Usage | None = None
     model: str | None = None
@@ -167,6 +172,8 @@ async def collect_chat(stream: AsyncIterator[ChatChunk]) -> ChatResult:
         if close is not None:
             with anyio.CancelScope(shield=True):
                 await close()
+    if not choices:
+        choices[0] = _ChoiceParts()  # a stream with no choice chunk answers one empty choice
     return ChatResult(
         choices=tuple(choices[i].build(i) for i in sorted(choices)),
         usage=usage,

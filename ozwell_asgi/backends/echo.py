@@ -24,6 +24,7 @@ from ..errors import InvalidRequestError
 from ..tokens import Tokenizer, count_chat_prompt, count_tool_call, default_tokenizer
 from ..types import (
     AssistantMessage,
+    Call,
     ChatChoice,
     ChatChunk,
     ChatResult,
@@ -37,6 +38,7 @@ from ..wire.chat import message_text
 
 if TYPE_CHECKING:
     from ..wire.chat import ChatCompletionRequest
+    from ..wire.embeddings import EmbeddingRequest
 
 __all__ = ["EchoBackend"]
 
@@ -170,7 +172,7 @@ class EchoBackend:
         digest = hashlib.sha256(f"{choice}:{name}:{arguments}".encode()).hexdigest()[:24]
         return ToolCall(id=f"call_{digest}", name=name, arguments=arguments)
 
-    async def chat(self, request: ChatCompletionRequest) -> ChatResult:
+    async def complete_chat(self, request: ChatCompletionRequest, ctx: Call) -> ChatResult:
         prompt = count_chat_prompt(self.tokenizer, request)
         forced = self._forced_tool(request)
         choices: list[ChatChoice] = []
@@ -195,7 +197,7 @@ class EchoBackend:
             )
         return ChatResult(choices=tuple(choices), usage=Usage(prompt, completion), system_fingerprint="fp_ozwell_echo")
 
-    async def chat_stream(self, request: ChatCompletionRequest) -> AsyncIterator[ChatChunk]:
+    async def stream_chat(self, request: ChatCompletionRequest, ctx: Call) -> AsyncIterator[ChatChunk]:
         prompt = count_chat_prompt(self.tokenizer, request)
         forced = self._forced_tool(request)
         completion = 0
@@ -224,11 +226,11 @@ class EchoBackend:
 
     # -- embeddings -------------------------------------------------------------------------------------------
 
-    async def embed(self, model: str, inputs: Sequence[str | Sequence[int]], dimensions: int | None) -> EmbeddingResult:
-        size = dimensions or EMBEDDING_DIMENSIONS
+    async def embed(self, request: EmbeddingRequest, ctx: Call) -> EmbeddingResult:
+        size = request.dimensions or EMBEDDING_DIMENSIONS
         vectors = []
         tokens = 0
-        for item in inputs:
+        for item in request.inputs():
             if isinstance(item, str):
                 seed = item.encode()
                 tokens += self.tokenizer.count(item)

@@ -3,6 +3,8 @@ SSE → settle."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -14,11 +16,13 @@ import anyio.to_thread
 from pydantic_core import to_json
 from starlette.requests import Request
 
+from ..backends._aggregate import collect_chat
 from ..context import Services, Settings
 from ..errors import InvalidRequestError, OzwellError, as_ozwell_error, error_body
 from ..meter import Meter
+from ..protocols import ChatBackend
 from ..responses import JSONResponse
-from ..sse import DONE, SSEResponse, event
+from ..sse import DONE, PING, SSEResponse, event
 from ..tokens import count_chat_prompt, count_tool_call, remember_prompt
 from ..types import SCOPE_API, ChatChunk, ChatResult, Principal, ToolCall, Usage
 from ..wire.chat import ChatCompletionRequest, parse_chat_request
@@ -28,36 +32,46 @@ __all__ = ["create_chat_completion"]
 log = logging.getLogger("ozwell_asgi")
 
 
-def _usage_dict(usage: Usage) -> dict[str, Any]:
+_PROMPT_DETAILS = {"cached_tokens": 0, "audio_tokens": 0}
+_COMPLETION_DETAILS = {
+    "reasoning_tokens": 0,
+    "audio_tokens": 0,
+    "accepted_prediction_tokens": 0,
+    "rejected_prediction_tokens": 0,
+}
+
+
+def usage_dict(usage: Usage) -> dict[str, Any]:
+    """OpenAI's ``CompletionUsage``; a backend's own details (cached, reasoning tokens...) are passed through."""
+    prompt_details = usage.prompt_tokens_details
+    completion_details = usage.completion_tokens_details
     return {
         "prompt_tokens": usage.prompt_tokens,
         "completion_tokens": usage.completion_tokens,
         "total_tokens": usage.total_tokens,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-        "completion_tokens_details": {
-            "reasoning_tokens": 0,
-            "audio_tokens": 0,
-            "accepted_prediction_tokens": 0,
-            "rejected_prediction_tokens": 0,
-        },
+        "prompt_tokens_details": _PROMPT_DETAILS if prompt_details is None else dict(prompt_details),
+        "completion_tokens_details": _COMPLETION_DETAILS if completion_details is None else dict(completion_details),
     }
 
 
 def _tool_call_dict(call: ToolCall) -> dict[str, Any]:
+    if call.type == "custom":
+        return {"id": call.id, "type": "custom", "custom": {"name": call.name, "input": call.arguments}}
     return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
 def render_completion(result: ChatResult, completion_id: str, created: int, model: str, usage: Usage) -> dict[str, Any]:
     choices = []
     for choice in result.choices:
-        message: dict[str, Any] = {
-            "role": "assistant",
-            "content": choice.message.content,
-            "refusal": choice.message.refusal,
-            "annotations": [],
-        }
-        if choice.message.tool_calls:
-            message["tool_calls"] = [_tool_call_dict(c) for c in choice.message.tool_calls]
+        answer = choice.message
+        message: dict[str, Any] = {}
+        if answer.extra:
+            message.update(answer.extra)
+        message.update(role="assistant", content=answer.content, refusal=answer.refusal, annotations=[])
+        if answer.reasoning_content is not None:
+            message["reasoning_content"] = answer.reasoning_content
+        if answer.tool_calls:
+            message["tool_calls"] = [_tool_call_dict(c) for c in answer.tool_calls]
         choices.append(
             {
                 "index": choice.index,
@@ -72,14 +86,14 @@ def render_completion(result: ChatResult, completion_id: str, created: int, mode
         "created": created,
         "model": result.model or model,
         "choices": choices,
-        "usage": _usage_dict(usage),
+        "usage": usage_dict(usage),
         "service_tier": "default",
         "system_fingerprint": result.system_fingerprint,
     }
 
 
 def _delta(chunk: ChatChunk) -> dict[str, Any]:
-    delta: dict[str, Any] = {}
+    delta: dict[str, Any] = dict(chunk.extra) if chunk.extra else {}
     if chunk.role is not None:
         delta["role"] = chunk.role
         delta["content"] = chunk.content
@@ -89,19 +103,21 @@ def _delta(chunk: ChatChunk) -> dict[str, Any]:
             delta["content"] = chunk.content
         if chunk.refusal is not None:
             delta["refusal"] = chunk.refusal
+    if chunk.reasoning_content is not None:
+        delta["reasoning_content"] = chunk.reasoning_content
     if chunk.tool_calls:
         calls = []
         for call in chunk.tool_calls:
-            function: dict[str, Any] = {}
-            if call.name is not None:
-                function["name"] = call.name
-            if call.arguments is not None:
-                function["arguments"] = call.arguments
             item: dict[str, Any] = {"index": call.index}
             if call.id is not None:
                 item["id"] = call.id
-                item["type"] = "function"
-            item["function"] = function
+                item["type"] = call.type or "function"
+            body: dict[str, Any] = {}
+            if call.name is not None:
+                body["name"] = call.name
+            if call.arguments is not None:
+                body["input" if call.type == "custom" else "arguments"] = call.arguments
+            item["custom" if call.type == "custom" else "function"] = body
             calls.append(item)
         delta["tool_calls"] = calls
     return delta
@@ -122,13 +138,18 @@ async def create_chat_completion(services: Services, request: Request) -> Any:
         await meter.settle(0)
         raise
     headers = meter.headers
+    backend: ChatBackend = services.chat  # type: ignore[assignment]  # the route exists only if it chats
     model = chat.model
     completion_id = f"chatcmpl-{random.getrandbits(128):032x}"  # unique, not secret
     created = int(started)
 
+    call = services.call(request, principal, "chat.completions", bound)
     if not chat.stream:
         try:
-            result = await services.backend.chat(chat)
+            if services.completes is not None:
+                result = await services.completes.complete_chat(chat, call)
+            else:
+                result = await collect_chat(backend.stream_chat(chat, call))
         except BaseException:
             await meter.settle(0)
             raise
@@ -136,11 +157,22 @@ async def create_chat_completion(services: Services, request: Request) -> Any:
         await meter.settle(usage.total_tokens, shield=False)
         return JSONResponse(render_completion(result, completion_id, created, model, usage), headers=headers)
 
-    stream = services.backend.chat_stream(chat)
+    stream = backend.stream_chat(chat, call)
+    # Failures before the first chunk get a real HTTP status. A backend slow to send it (an upstream's first token)
+    # gets the response started after ``stream_keepalive`` seconds, with ": ping" comments until it comes.
+    first: ChatChunk | None | asyncio.Future[ChatChunk | None]
+    interval = services.settings.stream_keepalive
     try:
-        first = await anext(stream)  # failures before the first chunk get a real HTTP status
-    except StopAsyncIteration:
-        first = None
+        if interval:
+            waiting = asyncio.ensure_future(anext(stream, None))
+            try:
+                await asyncio.wait((waiting,), timeout=interval)
+            except BaseException:
+                waiting.cancel()
+                raise
+            first = waiting.result() if waiting.done() else waiting
+        else:
+            first = await anext(stream, None)
     except BaseException:
         await _aclose(stream)
         await meter.settle(0)
@@ -240,14 +272,14 @@ async def _frames(
     services: Services,
     chat: ChatCompletionRequest,
     stream: AsyncIterator[ChatChunk],
-    first: ChatChunk | None,
+    first: ChatChunk | None | asyncio.Future[ChatChunk | None],
     meter: Meter,
     completion_id: str,
     created: int,
     prompt_estimate: int,
 ) -> AsyncGenerator[bytes, None]:
     include_usage = chat.include_usage
-    prefix = {
+    prefix: dict[str, Any] = {
         "id": completion_id,
         "object": "chat.completion.chunk",
         "created": created,
@@ -258,11 +290,24 @@ async def _frames(
     usage: Usage | None = None
     counted = 0
     try:
-        chunk = first
+        if isinstance(first, asyncio.Future):
+            interval = services.settings.stream_keepalive
+            while not first.done():
+                yield PING
+                await asyncio.wait((first,), timeout=interval)
+            chunk = first.result()
+        else:
+            chunk = first
         while chunk is not None:
+            # What the backend says of the answer holds from its chunk on (an upstream's model, its fingerprint).
+            if chunk.model is not None and chunk.model != prefix["model"]:
+                prefix = {**prefix, "model": chunk.model}
+            if chunk.system_fingerprint is not None and chunk.system_fingerprint != prefix["system_fingerprint"]:
+                prefix = {**prefix, "system_fingerprint": chunk.system_fingerprint}
             if (
                 chunk.usage is not None
                 and chunk.content is None
+                and chunk.reasoning_content is None
                 and not chunk.tool_calls
                 and chunk.finish_reason is None
             ):
@@ -270,6 +315,8 @@ async def _frames(
             else:
                 if chunk.content:
                     counted += services.tokenizer.count(chunk.content)
+                if chunk.reasoning_content:
+                    counted += services.tokenizer.count(chunk.reasoning_content)
                 for call in chunk.tool_calls:
                     counted += count_tool_call(services.tokenizer, call.name, call.arguments)
                 payload: dict[str, Any] = {
@@ -289,7 +336,7 @@ async def _frames(
             chunk = await anext(stream, None)
         final = usage or Usage(prompt_estimate, counted)
         if include_usage:
-            yield event(to_json({**prefix, "choices": [], "usage": _usage_dict(final)}))
+            yield event(to_json({**prefix, "choices": [], "usage": usage_dict(final)}))
         yield DONE
         await meter.settle(final.total_tokens)
     except Exception as exc:
@@ -301,4 +348,8 @@ async def _frames(
         await meter.settle(usage.total_tokens if usage else prompt_estimate + counted)
         raise
     finally:
+        if isinstance(first, asyncio.Future) and not first.done():
+            first.cancel()  # the client went away while the backend had not answered yet
+            with anyio.CancelScope(shield=True), contextlib.suppress(BaseException):
+                await first
         await _aclose(stream)

@@ -3,9 +3,15 @@
 Generic over every wire model (chat, embeddings, responses...): nothing here knows a field name. Pydantic puts
 union member labels (``str``, ``list[...]``, ``function-after[...]``, ``tagged-union[...]``) and discriminator tag
 values into an error's ``loc``; :func:`clean_loc` drops them by walking the ``loc`` along the request body actually
-sent, keeping only the keys and indexes that exist in it, so ``('messages', 0, 'user', 'content', 'str')`` becomes
-``messages.0.content``. OpenAI reports one error per request; :func:`pick_error` chooses the most specific one.
-Messages follow OpenAI's wording and never contain pydantic internals (class names, union labels, doc URLs).
+sent, keeping only the keys and indexes that exist in it, and :func:`format_param` spells the result as OpenAI
+does, so ``('messages', 0, 'user', 'content', 'str')`` becomes ``messages[0].content``. OpenAI reports one error
+per request; :func:`pick_error` chooses the most specific one. Messages follow OpenAI's wording and never contain
+pydantic internals (class names, union labels, doc URLs).
+
+Bounded work on hostile bodies: the mapper reads at most :data:`MAX_EXAMINED_ERRORS` errors, each in time linear in
+its ``loc``; names and values echoed back are cut to 100 characters. Pydantic itself collects every error it finds,
+so wire models keep that number small: lists and maps are ``fail_fast`` (stop at the first bad item) and closed
+objects report only their first unknown field (:func:`unknown_field`), so no error count grows with the body.
 """
 
 from __future__ import annotations
@@ -14,19 +20,23 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ValidationError
-from pydantic_core import ErrorDetails, from_json
+from pydantic_core import ErrorDetails, PydanticCustomError, from_json
 
 from ..errors import InvalidRequestError
 
 __all__ = [
     "INVALID_JSON_MESSAGE",
+    "MAX_EXAMINED_ERRORS",
     "NOT_AN_OBJECT_MESSAGE",
+    "TOO_DEEP_MESSAGE",
     "WireError",
     "clean_loc",
     "describe_error",
+    "format_param",
     "invalid_request",
     "parse_json_body",
     "pick_error",
+    "unknown_field",
 ]
 
 INVALID_JSON_MESSAGE = (
@@ -34,6 +44,9 @@ INVALID_JSON_MESSAGE = (
     "library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)"
 )
 NOT_AN_OBJECT_MESSAGE = "The request body must be a JSON object."
+TOO_DEEP_MESSAGE = (
+    "We could not parse the JSON body of your request: it nests arrays and objects more deeply than we accept."
+)
 
 CODE_MISSING = "missing_required_parameter"
 CODE_INVALID_VALUE = "invalid_value"
@@ -86,6 +99,26 @@ _VALUE_ERRORS_ON_SCALARS = frozenset({"literal_error", "enum"})
 _TYPE_RANK = 1  # a branch whose shape did not even match
 _VALUE_RANK = 2  # right shape, wrong value or a missing member
 
+MAX_EXAMINED_ERRORS = 100
+"""Errors read to choose the one reported (pydantic lists them in document order; union branches are adjacent)."""
+
+_MAX_ECHO = 100  # characters of a value or a body key echoed back in a message or a param
+
+_KEY_LABEL = "[key]"  # pydantic's loc label for an error in a mapping's key rather than its value
+_SEQUENCE_LABELS = ("list[", "tuple[", "set[", "frozenset[")
+
+# What an array's items are, from the label pydantic gives a union's sequence member (``list[str]``...).
+_ITEM_KINDS: dict[str, str] = {"str": "strings", "int": "integers", "float": "decimals", "bool": "booleans"}
+
+
+def unknown_field(key: str) -> PydanticCustomError:
+    """The error a closed wire model raises for its first unknown field ``key`` (reported at ``<object>.<key>``).
+
+    Pydantic's own ``extra="forbid"`` reports every unknown field, one error each; a closed model instead allows
+    extras and raises this once from an after-validator, so a body with a million unknown keys costs one error.
+    """
+    return PydanticCustomError("extra_forbidden", "Extra inputs are not permitted", {"key": key})
+
 
 def _json_kind(value: object) -> str:
     if value is None:
@@ -105,9 +138,13 @@ def _json_kind(value: object) -> str:
     return "an unsupported value"
 
 
+def _clip(text: str) -> str:
+    return text if len(text) <= _MAX_ECHO else text[:_MAX_ECHO] + "..."
+
+
 def _repr(value: object) -> str:
     if isinstance(value, str):
-        return repr(value) if len(value) <= 100 else repr(value[:100] + "...")
+        return repr(_clip(value))
     if isinstance(value, bool):
         return "true" if value else "false"
     if value is None:
@@ -125,37 +162,58 @@ def _oxford(quoted: str) -> str:
     return f"{head}, and {last}" if "," in head else f"{head} and {last}"
 
 
-def clean_loc(loc: Sequence[int | str], root: object, *, keep_last: bool = False) -> list[str]:
+def clean_loc(loc: Sequence[int | str], root: object, *, keep_last: bool = False) -> list[int | str]:
     """The path of ``loc`` through ``root`` (the body sent), without pydantic's union labels and tag values.
 
-    Keys and indexes that exist in the body are kept; anything else is a label and dropped, except the last
-    element when ``keep_last`` (a missing or unknown field, which by nature is not in the body... or is).
+    Keys (``str``) and indexes (``int``) that exist in the body are kept; anything else is a label and dropped,
+    except the last element when ``keep_last`` (a missing or unknown field, which by nature is not in the body...
+    or is). Linear in ``len(loc)``: one dict lookup or index per element.
     """
-    parts: list[str] = []
+    parts: list[int | str] = []
     cur: object = root
     last = len(loc) - 1
     for i, item in enumerate(loc):
-        if isinstance(cur, dict) and isinstance(item, str) and item in cur:
-            parts.append(item)
-            cur = cur[item]
+        if isinstance(cur, dict):
+            if isinstance(item, str) and item in cur:
+                parts.append(item)
+                cur = cur[item]
+                continue
         elif (
             isinstance(cur, list)
             and isinstance(item, int)
             and not isinstance(item, bool)
             and -len(cur) <= item < len(cur)
         ):
-            parts.append(str(item))
+            parts.append(item)
             cur = cur[item]
-        elif i == last and keep_last and isinstance(item, str) and isinstance(cur, dict):
+            continue
+        if i == last and keep_last and isinstance(item, str) and isinstance(cur, dict):
             parts.append(item)
     return parts
 
 
-def _param(err: ErrorDetails, root: object) -> list[str]:
+def format_param(path: Sequence[int | str]) -> str | None:
+    """OpenAI's spelling of a body path: ``messages[0].content``, ``metadata.key``; ``None`` for the body itself.
+
+    A key longer than 100 characters is cut there and ends in ``...`` (a hostile key is not echoed whole).
+    """
+    out: list[str] = []
+    for item in path:
+        if isinstance(item, int):
+            out.append(f"[{item}]")
+        else:
+            out.append(f".{_clip(item)}" if out else _clip(item))
+    return "".join(out) or None
+
+
+def _path(err: ErrorDetails, root: object) -> list[int | str]:
     etype = err["type"]
+    ctx = err.get("ctx") or {}
+    if etype == "extra_forbidden" and isinstance(ctx.get("key"), str):  # unknown_field(): the key is in ctx
+        return [*clean_loc(err["loc"], root), ctx["key"]]
     parts = clean_loc(err["loc"], root, keep_last=etype in ("missing", "extra_forbidden"))
     if etype in ("union_tag_invalid", "union_tag_not_found"):
-        disc = str(err.get("ctx", {}).get("discriminator", "")).strip("'\"")
+        disc = str(ctx.get("discriminator", "")).strip("'\"")
         if disc.isidentifier():
             parts.append(disc)
     return parts
@@ -178,28 +236,65 @@ def _rank(err: ErrorDetails) -> int:
     return _VALUE_RANK
 
 
-def pick_error(errors: Sequence[ErrorDetails], root: object) -> tuple[ErrorDetails, list[str], list[ErrorDetails]]:
+def pick_error(
+    errors: Sequence[ErrorDetails], root: object
+) -> tuple[ErrorDetails, list[int | str], list[ErrorDetails]]:
     """The single most useful error: the deepest path into the body, a value error before a type mismatch.
 
-    Returns the error, its cleaned path, and the other errors at the same path (for merging union alternatives).
+    Only the first :data:`MAX_EXAMINED_ERRORS` errors are read. Returns the error, its cleaned path, and the other
+    errors read at the same path (for merging union alternatives).
     """
-    best: tuple[int, int] | None = None
-    chosen: ErrorDetails = errors[0]
-    chosen_path: list[str] = []
-    paths = [_param(e, root) for e in errors]
-    for err, path in zip(errors, paths, strict=True):
-        key = (len(path), _rank(err))
-        if best is None or key > best:
-            best, chosen, chosen_path = key, err, path
-    siblings = [e for e, p in zip(errors, paths, strict=True) if p == chosen_path]
+    examined = errors[:MAX_EXAMINED_ERRORS]
+    paths = [_path(e, root) for e in examined]
+    best = max(range(len(examined)), key=lambda i: (len(paths[i]), _rank(examined[i])))  # first of the best
+    chosen, chosen_path = examined[best], paths[best]
+    siblings = [e for e, p in zip(examined, paths, strict=True) if p == chosen_path]
     return chosen, chosen_path, siblings
 
 
-def describe_error(err: ErrorDetails, param: str | None, siblings: Sequence[ErrorDetails] = ()) -> WireError:
-    """OpenAI's message and code for one (cleaned) pydantic error at ``param``."""
+def _sequence_item_kind(err: ErrorDetails) -> str | None:
+    """``"objects"`` for a union member labelled ``list[TextContentPart]``, ``"strings"`` for ``list[str]``..."""
+    label = err["loc"][-1] if err["loc"] else None
+    if not isinstance(label, str) or not label.endswith("]"):
+        return None
+    prefix = next((p for p in _SEQUENCE_LABELS if label.startswith(p)), None)
+    if prefix is None:
+        return None
+    inner = label[len(prefix) : -1]
+    base = inner.split("[", 1)[0].removeprefix("constrained-")
+    if base in _ITEM_KINDS:
+        return _ITEM_KINDS[base]
+    if base == "literal":
+        return "strings" if inner.startswith("literal['") else None
+    if inner.startswith(_SEQUENCE_LABELS):
+        return "arrays"
+    if base in ("dict", "tagged-union", "typed-dict", "model", "dataclass") or base[:1].isupper():
+        return "objects"  # a model's label is its class name
+    return None
+
+
+def _expected(err: ErrorDetails) -> str:
+    """What a type-mismatch error says was expected, as OpenAI words it (``a string``, ``array of objects``)."""
+    etype = err["type"]
+    if etype in _VALUE_ERRORS_ON_SCALARS:
+        return "a string" if "'" in str(err.get("ctx", {}).get("expected", "")) else "a number"
+    if etype in ("list_type", "tuple_type", "set_type", "frozen_set_type", "iterable_type"):
+        items = _sequence_item_kind(err)
+        if items is not None:
+            return f"array of {items}"
+    return _EXPECTED.get(etype, "a valid value")
+
+
+def _at_key(err: ErrorDetails) -> bool:
+    return bool(err["loc"]) and err["loc"][-1] == _KEY_LABEL
+
+
+def describe_error(err: ErrorDetails, path: Sequence[int | str], siblings: Sequence[ErrorDetails] = ()) -> WireError:
+    """OpenAI's message and code for one pydantic error at ``path`` (cleaned: keys and indexes of the body)."""
     etype = err["type"]
     ctx: dict[str, Any] = dict(err.get("ctx") or {})
     value = err.get("input")
+    param = format_param(path)
     name = param if param is not None else "body"
 
     if etype == "missing" or etype == "union_tag_not_found":
@@ -209,24 +304,29 @@ def describe_error(err: ErrorDetails, param: str | None, siblings: Sequence[Erro
     if _rank(err) == _TYPE_RANK:
         expected: list[str] = []
         for sib in (err, *siblings):
-            if _rank(sib) != _TYPE_RANK:
-                continue
-            if sib["type"] in _VALUE_ERRORS_ON_SCALARS:
-                exp = "a string" if "'" in str(sib.get("ctx", {}).get("expected", "")) else "a number"
-            else:
-                exp = _EXPECTED.get(sib["type"], "a valid value")
-            if exp not in expected:
+            if _rank(sib) == _TYPE_RANK and (exp := _expected(sib)) not in expected:
                 expected.append(exp)
         if param is None and expected == ["an object"]:
             return WireError(None, NOT_AN_OBJECT_MESSAGE, CODE_INVALID_TYPE)
-        if len(expected) > 1:
-            want = "one of " + (", ".join(expected[:-1]) + " or " + expected[-1])
-        else:
-            want = expected[0] if expected else "a valid value"
+        want = f"one of {', '.join(expected[:-1])} or {expected[-1]}" if len(expected) > 1 else expected[0]
         got = _json_kind(value)
         return WireError(
             param, f"Invalid type for '{name}': expected {want}, but got {got} instead.", CODE_INVALID_TYPE
         )
+    if _at_key(err) and etype in ("string_too_long", "string_too_short", "string_pattern_mismatch"):
+        # A map's key (``metadata`` keys): OpenAI names the map and quotes the key.
+        owner = format_param(path[:-1]) or "body"
+        if etype == "string_pattern_mismatch":
+            problem = f"does not match pattern. Expected a string that matches the pattern '{ctx.get('pattern')}'."
+        else:
+            size, limit_name = ("long", "maximum") if etype == "string_too_long" else ("short", "minimum")
+            limit = ctx.get("max_length" if size == "long" else "min_length")
+            length = len(value) if isinstance(value, str) else "?"
+            problem = (
+                f"is too {size}. Expected a string with {limit_name} length {limit}, but got a string with length "
+                f"{length} instead."
+            )
+        return WireError(param, f"Invalid property name in '{owner}': {_repr(value)} {problem}", CODE_INVALID_VALUE)
     if etype in ("literal_error", "enum"):
         supported = _oxford(str(ctx.get("expected", "")))
         return WireError(
@@ -261,6 +361,20 @@ def describe_error(err: ErrorDetails, param: str | None, siblings: Sequence[Erro
             "instead.",
             CODE_INVALID_VALUE,
         )
+    if etype in ("too_short", "too_long") and isinstance(value, dict):
+        # A map (``metadata``, ``logit_bias``). Pydantic stops counting past the maximum: the length is the body's.
+        if etype == "too_long":
+            bound_text = f"at most {ctx.get('max_length')}"
+            problem = "too many"
+        else:
+            bound_text = f"at least {ctx.get('min_length')}"
+            problem = "too few"
+        return WireError(
+            param,
+            f"Invalid '{name}': {problem} properties. Expected an object with {bound_text} properties, but got an "
+            f"object with {len(value)} properties instead.",
+            CODE_INVALID_VALUE,
+        )
     if etype == "too_short":
         minimum = ctx.get("min_length")
         if isinstance(value, list) and not value:
@@ -270,32 +384,38 @@ def describe_error(err: ErrorDetails, param: str | None, siblings: Sequence[Erro
                 "array instead.",
                 CODE_INVALID_VALUE,
             )
+        length = _length(value)
         return WireError(
             param,
             f"Invalid '{name}': array too short. Expected an array with minimum length {minimum}, but got an array "
-            f"with length {ctx.get('actual_length')} instead.",
+            f"with length {length} instead.",
             CODE_INVALID_VALUE,
         )
     if etype == "too_long":
+        length = _length(value)
         return WireError(
             param,
             f"Invalid '{name}': array too long. Expected an array with maximum length {ctx.get('max_length')}, but "
-            f"got an array with length {ctx.get('actual_length')} instead.",
+            f"got an array with length {length} instead.",
             CODE_INVALID_VALUE,
         )
     if etype in ("string_too_long", "string_too_short"):
         size = "long" if etype == "string_too_long" else "short"
         limit_name = "maximum" if size == "long" else "minimum"
         limit = ctx.get("max_length" if size == "long" else "min_length")
-        length = len(value) if isinstance(value, str) else "?"
         return WireError(
             param,
             f"Invalid '{name}': string too {size}. Expected a string with {limit_name} length {limit}, but got a "
-            f"string with length {length} instead.",
+            f"string with length {_length(value)} instead.",
             CODE_INVALID_VALUE,
         )
     if etype == "string_pattern_mismatch":
-        return WireError(param, f"Invalid '{name}': string does not match pattern.", CODE_INVALID_VALUE)
+        return WireError(
+            param,
+            f"Invalid '{name}': string does not match pattern. Expected a string that matches the pattern "
+            f"'{ctx.get('pattern')}'.",
+            CODE_INVALID_VALUE,
+        )
     if etype in ("value_error", "assertion_error"):
         # Our own validators raise ValueError with a message meant for the client.
         reason = ctx.get("error")
@@ -305,13 +425,21 @@ def describe_error(err: ErrorDetails, param: str | None, siblings: Sequence[Erro
     return WireError(param, f"Invalid value for '{name}': {_repr(value)} is not supported.", CODE_INVALID_VALUE)
 
 
-def invalid_request(exc: ValidationError, root: object) -> WireError:
-    """The one OpenAI error for ``exc``, raised while validating ``root`` (the decoded body)."""
-    errors = exc.errors(include_url=False)
+def _length(value: object) -> int | str:
+    """The length of what was sent (pydantic stops counting a too-long sequence or map at its maximum)."""
+    return len(value) if isinstance(value, str | list | dict) else "?"
+
+
+def _wire_error(errors: Sequence[ErrorDetails], root: object) -> WireError:
     if not errors:  # pragma: no cover - pydantic never raises an empty ValidationError
         return WireError(None, "Invalid request.", CODE_INVALID_VALUE)
     err, path, siblings = pick_error(errors, root)
-    return describe_error(err, ".".join(path) or None, [s for s in siblings if s is not err])
+    return describe_error(err, path, [s for s in siblings if s is not err])
+
+
+def invalid_request(exc: ValidationError, root: object) -> WireError:
+    """The one OpenAI error for ``exc``, raised while validating ``root`` (the decoded body)."""
+    return _wire_error(exc.errors(include_url=False), root)
 
 
 def parse_json_body(model: type[M], body: bytes | str) -> M:
@@ -323,13 +451,16 @@ def parse_json_body(model: type[M], body: bytes | str) -> M:
         return model.model_validate_json(body, strict=True)
     except ValidationError as exc:
         errors = exc.errors(include_url=False)
-        if any(e["type"] == "json_invalid" for e in errors):
-            raise InvalidRequestError(INVALID_JSON_MESSAGE) from None
+        if errors and errors[0]["type"] == "json_invalid":  # then it is the only error: nothing was validated
+            # pydantic's parser has a fixed nesting limit (about 200 levels): valid JSON deeper than that is refused
+            # here, in bounded time and without recursion of ours.
+            too_deep = "recursion limit" in str((errors[0].get("ctx") or {}).get("error", ""))
+            raise InvalidRequestError(TOO_DEEP_MESSAGE if too_deep else INVALID_JSON_MESSAGE) from None
         try:
             root: object = from_json(body)
         except ValueError:  # pragma: no cover - pydantic already accepted it as JSON
             root = None
         if not isinstance(root, dict):
             raise InvalidRequestError(NOT_AN_OBJECT_MESSAGE, code=CODE_INVALID_TYPE) from None
-        wire = invalid_request(exc, root)
+        wire = _wire_error(errors, root)
         raise InvalidRequestError(wire.message, param=wire.param, code=wire.code) from None

@@ -1,18 +1,22 @@
 """The wire form of ``POST /v1/chat/completions``: OpenAI's whole ``CreateChatCompletionRequest``.
 
-Field names, types and bounds follow OpenAI's OpenAPI spec (``CreateChatCompletionRequest`` and its refs). Every
+Field names, types and bounds follow OpenAI's OpenAPI spec (``CreateChatCompletionRequest`` and its refs), plus
+the limits OpenAI documents in prose or enforces (``metadata``, ``logit_bias``, ``tools``, function names). Every
 model tolerates unknown fields (``extra="allow"``, reachable through ``.model_extra``) so newer SDKs keep working;
 the one exception is where the spec itself closes an object (``additionalProperties: false``). Validators are
 built once, at import, by pydantic; :func:`parse_chat_request` validates the raw body bytes in one pass.
+
+Every list and map whose items are validated is ``fail_fast`` and closed objects stop at their first unknown field,
+so a hostile body yields a handful of validation errors, never one per item (see :mod:`ozwell_asgi.wire._errors`).
 """
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, TypeAlias
+from typing import Annotated, Any, Literal, Self, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from ._errors import parse_json_body
+from ._errors import parse_json_body, unknown_field
 
 __all__ = [
     "AllowedTools",
@@ -40,12 +44,15 @@ __all__ = [
     "FunctionCallOption",
     "FunctionDefinition",
     "FunctionMessage",
+    "FunctionName",
     "FunctionTool",
     "FunctionToolCall",
     "ImageContentPart",
     "ImageURL",
     "InputAudio",
     "JSONSchemaFormat",
+    "LogitBias",
+    "Metadata",
     "ModerationConfig",
     "ModerationParams",
     "ModerationPolicy",
@@ -82,6 +89,26 @@ class _Wire(BaseModel):
     """Base of every wire model: unknown fields pass through (``.model_extra``)."""
 
     model_config = ConfigDict(extra="allow")
+
+
+class _Closed(BaseModel):
+    """An object the spec closes (``additionalProperties: false``): an unknown field is a 400 naming the first one.
+
+    Not ``extra="forbid"``: pydantic would report every unknown field, one error each, however many were sent.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _no_unknown_fields(self) -> Self:
+        if self.__pydantic_extra__:
+            raise unknown_field(next(iter(self.__pydantic_extra__)))
+        return self
+
+
+# Function names (and ``response_format.json_schema.name``): "Must be a-z, A-Z, 0-9, or contain underscores and
+# dashes, with a maximum length of 64" says the spec, in prose; OpenAI answers 400 on either.
+FunctionName: TypeAlias = Annotated[str, Field(max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")]
 
 
 # --- content parts -----------------------------------------------------------------------------------------------
@@ -140,7 +167,7 @@ UserContentPart: TypeAlias = Annotated[
     TextContentPart | ImageContentPart | AudioContentPart | FileContentPart, Field(discriminator="type")
 ]
 AssistantContentPart: TypeAlias = Annotated[TextContentPart | RefusalContentPart, Field(discriminator="type")]
-TextParts: TypeAlias = Annotated[list[TextContentPart], Field(min_length=1)]
+TextParts: TypeAlias = Annotated[list[TextContentPart], Field(min_length=1, fail_fast=True)]
 
 # --- messages ----------------------------------------------------------------------------------------------------
 
@@ -159,7 +186,7 @@ class SystemMessage(_Wire):
 
 class UserMessage(_Wire):
     role: Literal["user"]
-    content: str | Annotated[list[UserContentPart], Field(min_length=1)]
+    content: str | Annotated[list[UserContentPart], Field(min_length=1, fail_fast=True)]
     name: str | None = None
 
 
@@ -196,11 +223,11 @@ class AssistantMessageAudio(_Wire):
 
 class AssistantMessage(_Wire):
     role: Literal["assistant"]
-    content: str | Annotated[list[AssistantContentPart], Field(min_length=1)] | None = None
+    content: str | Annotated[list[AssistantContentPart], Field(min_length=1, fail_fast=True)] | None = None
     refusal: str | None = None
     name: str | None = None
     audio: AssistantMessageAudio | None = None
-    tool_calls: list[ToolCall] | None = None
+    tool_calls: Annotated[list[ToolCall], Field(fail_fast=True)] | None = None
     function_call: FunctionCall | None = None
 
 
@@ -227,7 +254,7 @@ ChatMessage: TypeAlias = Annotated[
 class FunctionDefinition(_Wire):
     """``FunctionObject`` (tools) and ``ChatCompletionFunctions`` (the deprecated ``functions``)."""
 
-    name: str
+    name: FunctionName
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
@@ -238,9 +265,7 @@ class FunctionTool(_Wire):
     function: FunctionDefinition
 
 
-class CustomToolTextFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # the spec closes it: additionalProperties false
-
+class CustomToolTextFormat(_Closed):
     type: Literal["text"]
 
 
@@ -249,9 +274,7 @@ class CustomToolGrammar(_Wire):
     syntax: Literal["lark", "regex"]
 
 
-class CustomToolGrammarFormat(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # the spec closes it: additionalProperties false
-
+class CustomToolGrammarFormat(_Closed):
     type: Literal["grammar"]
     grammar: CustomToolGrammar
 
@@ -289,7 +312,7 @@ class NamedCustomToolChoice(_Wire):
 
 class AllowedTools(_Wire):
     mode: Literal["auto", "required"]
-    tools: list[dict[str, Any]]
+    tools: Annotated[list[dict[str, Any]], Field(fail_fast=True)]
 
 
 class AllowedToolsChoice(_Wire):
@@ -321,7 +344,7 @@ class ResponseFormatJSONObject(_Wire):
 class JSONSchemaFormat(_Wire):
     model_config = ConfigDict(extra="allow", populate_by_name=True, serialize_by_alias=True)
 
-    name: str
+    name: FunctionName
     description: str | None = None
     # ``schema`` would shadow a BaseModel attribute: stored as ``schema_``, spelled ``schema`` on the wire.
     schema_: dict[str, Any] | None = Field(default=None, alias="schema")
@@ -345,9 +368,7 @@ class StreamOptions(_Wire):
     include_obfuscation: bool | None = None
 
 
-class CustomVoice(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # the spec closes it: additionalProperties false
-
+class CustomVoice(_Closed):
     id: str
 
 
@@ -401,20 +422,28 @@ class ModerationParams(_Wire):
 
 _INT64_MIN = -(2**63)
 _INT64_MAX = 2**63 - 1
-LogitBias: TypeAlias = dict[str, Annotated[int, Field(ge=-100, le=100)]]
+# OpenAI accepts at most 300 logit_bias entries: its documented cap (the OpenAPI spec carries no maxProperties).
+LogitBias: TypeAlias = Annotated[
+    dict[str, Annotated[int, Field(ge=-100, le=100)]], Field(max_length=300, fail_fast=True)
+]
+# The spec's ``Metadata``: at most 16 pairs, keys of at most 64 characters, values of at most 512 (stated in prose).
+Metadata: TypeAlias = Annotated[
+    dict[Annotated[str, Field(max_length=64)], Annotated[str, Field(max_length=512)]],
+    Field(max_length=16, fail_fast=True),
+]
 
 
 class ChatCompletionRequest(_Wire):
     """OpenAI's ``CreateChatCompletionRequest``. Fields left out of the body are ``None`` (or their spec default)."""
 
     model: str
-    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    messages: Annotated[list[ChatMessage], Field(min_length=1, fail_fast=True)]
 
     # sampling
     temperature: Annotated[float, Field(ge=0, le=2)] | None = None
     top_p: Annotated[float, Field(ge=0, le=1)] | None = None
     n: Annotated[int, Field(ge=1, le=128)] | None = None
-    stop: str | Annotated[list[str], Field(min_length=1, max_length=4)] | None = None
+    stop: str | Annotated[list[str], Field(min_length=1, max_length=4, fail_fast=True)] | None = None
     max_tokens: Annotated[int, Field(ge=1)] | None = None
     max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = None
@@ -429,13 +458,14 @@ class ChatCompletionRequest(_Wire):
     stream_options: StreamOptions | None = None
 
     # tools and output shape
-    tools: list[Tool] | None = None
+    # "A max of 128 functions are supported" (OpenAI's docs; not in the OpenAPI spec).
+    tools: Annotated[list[Tool], Field(max_length=128, fail_fast=True)] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
-    functions: Annotated[list[FunctionDefinition], Field(min_length=1, max_length=128)] | None = None
+    functions: Annotated[list[FunctionDefinition], Field(min_length=1, max_length=128, fail_fast=True)] | None = None
     function_call: Literal["none", "auto"] | FunctionCallOption | None = None
-    modalities: list[Literal["text", "audio"]] | None = None
+    modalities: Annotated[list[Literal["text", "audio"]], Field(fail_fast=True)] | None = None
     audio: AudioOutputParams | None = None
     prediction: PredictionContent | None = None
     reasoning_effort: Literal["none", "minimal", "low", "medium", "high", "xhigh", "max"] | None = None
@@ -446,7 +476,7 @@ class ChatCompletionRequest(_Wire):
     # bookkeeping
     user: str | None = None
     safety_identifier: Annotated[str, Field(max_length=64)] | None = None
-    metadata: dict[str, str] | None = None
+    metadata: Metadata | None = None
     store: bool | None = None
     service_tier: Literal["auto", "default", "flex", "scale", "priority", "fast"] | None = None
     prompt_cache_key: str | None = None
