@@ -154,6 +154,7 @@ async def collect_chat(stream: AsyncIterator[ChatChunk]) -> ChatResult:
     usage: Usage | None = None
     model: str | None = None
     fingerprint: str | None = None
+    ended = False
     try:
         async for chunk in stream:
             if chunk.usage is not None:
@@ -167,8 +168,9 @@ async def collect_chat(stream: AsyncIterator[ChatChunk]) -> ChatResult:
                 if parts is None:
                     parts = choices[chunk.index] = _ChoiceParts()
                 parts.add(chunk)
+        ended = True
     finally:
-        close = getattr(stream, "aclose", None)
+        close = None if ended else getattr(stream, "aclose", None)  # an ended stream is closed already
         if close is not None:
             with anyio.CancelScope(shield=True):
                 await close()

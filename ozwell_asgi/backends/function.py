@@ -215,15 +215,17 @@ class _Cutter:
 
 
 async def _sync_pieces(iterator: Iterator[Any]) -> AsyncIterator[Any]:
-    """A sync iterator advanced in worker threads; closed (``close()``, in a thread) when this is."""
+    """A sync iterator advanced in worker threads; closed (``close()``, in a thread) when this is closed first."""
+    ended = False
     try:
         while True:
             piece = await anyio.to_thread.run_sync(next, iterator, _END)
             if piece is _END:
+                ended = True
                 return
             yield piece
     finally:
-        close = getattr(iterator, "close", None)
+        close = None if ended else getattr(iterator, "close", None)
         if close is not None:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(close)
@@ -321,6 +323,7 @@ class FunctionBackend:
                 f"the reply function returned {type(value).__name__}: expected a str, a Reply or an iterable of str"
             )
         role: Literal["assistant"] | None = "assistant"
+        ended = False
         try:
             async for piece in pieces:
                 if not isinstance(piece, str):
@@ -332,12 +335,14 @@ class FunctionBackend:
                 if cutter.finish is not None:
                     break
             else:
+                ended = True
                 text = cutter.flush()
                 if text:
                     yield ChatChunk(index=index, role=role, content=text)
                     role = None
         finally:
-            await _aclose(pieces)
+            if not ended:  # cut short (a stop sequence, the bound, an error): close the function's pieces
+                await _aclose(pieces)
         calls: tuple[ToolCall, ...] = ()
         if reply is not None and reply.tool_calls and cutter.finish is None:
             calls = cutter.tool_calls(reply.tool_calls)

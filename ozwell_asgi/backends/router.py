@@ -26,6 +26,7 @@ duplicates keep their first entry. A backend whose list fails keeps its last goo
 
 from __future__ import annotations
 
+import asyncio
 import fnmatch
 import logging
 import math
@@ -202,6 +203,14 @@ def _table(
     return table, served, shadowed
 
 
+def _on_asyncio() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
 def _not_found(model: str) -> NotFoundError:
     return NotFoundError(
         f"The model `{model}` does not exist or you do not have access to it.", param="model", code="model_not_found"
@@ -339,6 +348,8 @@ class RouterBackend:
         sources = self._sources
         if len(sources) == 1:
             await self._fetch(0, sources[0])
+        elif _on_asyncio():  # a fifth of a task group's cost, on every request that names a model
+            await asyncio.gather(*(self._fetch(i, backend) for i, backend in enumerate(sources)))
         else:
             async with anyio.create_task_group() as tg:
                 for i, backend in enumerate(sources):
@@ -430,14 +441,17 @@ class RouterBackend:
         if plan is None:
             raise _not_found(request.model)
         (stream, chunk), renamed = await self._answer(plan, request, call, _open_stream)
+        ended = False
         try:
             while chunk is not None:
                 if renamed is not None and chunk.model is None:
                     chunk = replace(chunk, model=renamed)
                 yield chunk
                 chunk = await anext(stream, None)
+            ended = True
         finally:
-            await _aclose(stream)
+            if not ended:  # an ended stream is closed already: spare the shielded close
+                await _aclose(stream)
 
     async def _complete_chat(self, request: ChatCompletionRequest, call: Call) -> ChatResult:
         plan = self._chat.find(request.model)
