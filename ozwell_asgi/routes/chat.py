@@ -160,7 +160,7 @@ async def create_chat_completion(services: Services, request: Request) -> Any:
     stream = backend.stream_chat(chat, call)
     # Failures before the first chunk get a real HTTP status. A backend slow to send it (an upstream's first token)
     # gets the response started after ``stream_keepalive`` seconds, with ": ping" comments until it comes.
-    first: ChatChunk | None | asyncio.Future[ChatChunk | None]
+    first: ChatChunk | asyncio.Future[ChatChunk | None] | None
     interval = services.settings.stream_keepalive
     try:
         if interval:
@@ -209,14 +209,14 @@ def _check_caps(chat: ChatCompletionRequest, settings: Settings) -> None:
             f"Invalid 'messages': array too long. Expected an array with maximum length {settings.max_messages}, "
             f"but got an array with length {len(messages)} instead.",
             param="messages",
-            code="array_above_max_length",
+            code="invalid_value",
         )
     if chat.choice_count > settings.max_choices:
         raise InvalidRequestError(
             f"Invalid 'n': integer above maximum value. Expected a value <= {settings.max_choices}, "
             f"but got {chat.choice_count} instead.",
             param="n",
-            code="integer_above_max_value",
+            code="invalid_value",
         )
     parts = 0
     for message in messages:
@@ -228,7 +228,7 @@ def _check_caps(chat: ChatCompletionRequest, settings: Settings) -> None:
             f"Too many content parts: this request has {parts}, the limit is {settings.max_content_parts} "
             "summed over all messages.",
             param="messages",
-            code="array_above_max_length",
+            code="invalid_value",
         )
 
 
@@ -272,7 +272,7 @@ async def _frames(
     services: Services,
     chat: ChatCompletionRequest,
     stream: AsyncIterator[ChatChunk],
-    first: ChatChunk | None | asyncio.Future[ChatChunk | None],
+    first: ChatChunk | asyncio.Future[ChatChunk | None] | None,
     meter: Meter,
     completion_id: str,
     created: int,
