@@ -88,7 +88,7 @@ def render_completion(result: ChatResult, completion_id: str, created: int, mode
         "choices": choices,
         "usage": usage_dict(usage),
         "service_tier": "default",
-        "system_fingerprint": result.system_fingerprint,
+        "system_fingerprint": result.system_fingerprint or "fp_ozwell",
     }
 
 
