@@ -7,6 +7,8 @@ app.mount("/v1", OzwellAPI(key_store="sqlite:///ozwell.db", secret=SECRET))
 from .app import OzwellAPI
 from .auth import KeyHasher, KeyManager
 from .backends.echo import EchoBackend
+from .backends.function import FunctionBackend, Reply, function_backend
+from .backends.router import Route, RouterBackend
 from .context import Settings
 from .errors import (
     AuthenticationError,
@@ -55,6 +57,7 @@ __all__ = [
     "ChatResult",
     "CompletesChat",
     "EchoBackend",
+    "FunctionBackend",
     "EmbeddingBackend",
     "EmbeddingResult",
     "GatewayTimeoutError",
@@ -75,10 +78,14 @@ __all__ = [
     "Quota",
     "RateLimitError",
     "RateLimiter",
+    "Reply",
+    "Route",
+    "RouterBackend",
     "ServiceUnavailableError",
     "Settings",
     "Tokenizer",
     "ToolCall",
     "ToolCallDelta",
     "Usage",
+    "function_backend",
 ]

@@ -173,7 +173,14 @@ class OzwellAPI:
         self.backend = backend or EchoBackend(tokenizer=self.tokenizer)
         served = capabilities(self.backend)  # TypeError now for a backend we could not serve
         self.key_store: KeyStore = cached
-        self.keys = KeyManager(cached, hasher, plans)
+        settings = settings or Settings()
+        self.keys = KeyManager(
+            cached,
+            hasher,
+            plans,
+            max_model_patterns=settings.max_model_patterns,
+            max_model_pattern_length=settings.max_model_pattern_length,
+        )
         self.rate_limiter = rate_limiter
         self.services = Services(
             backend=served.catalog,
@@ -184,7 +191,7 @@ class OzwellAPI:
             keys=self.keys,
             limiter=rate_limiter,
             tokenizer=self.tokenizer,
-            settings=settings or Settings(),
+            settings=settings,
             plans=plans,
         )
         has = {"chat": served.chat is not None, "embeddings": served.embeddings is not None}

@@ -11,23 +11,51 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import hmac
+import itertools
+import math
 import re
 import secrets
 import time
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 from .errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
 from .protocols import KeyStore
 from .ratelimit import DEFAULT_PLANS, Plan, quota_for
-from .types import DEFAULT_SCOPES, SCOPE_ADMIN, SCOPE_ADMIN_GLOBAL, SCOPE_API, APIKey, Principal
+from .types import DEFAULT_SCOPES, SCOPE_ADMIN, SCOPE_ADMIN_GLOBAL, SCOPE_API, APIKey, Principal, Quota
 
-__all__ = ["Authenticator", "KeyHasher", "KeyManager", "generate_key", "model_allowed"]
+__all__ = [
+    "Authenticator",
+    "Grant",
+    "KeyHasher",
+    "KeyManager",
+    "ModelPatterns",
+    "at_most",
+    "exceeds",
+    "generate_key",
+    "model_allowed",
+    "models_within",
+]
 
 KEY_PREFIX = "ozw_"
 KNOWN_SCOPES = frozenset({SCOPE_API, SCOPE_ADMIN, SCOPE_ADMIN_GLOBAL})
 _KEY_RE = re.compile(r"ozw_[A-Za-z0-9_\-]{32,256}")
 _HINT_LEN = 8
+
+#: Default caps on a key's ``models`` (``Settings.max_model_patterns`` / ``Settings.max_model_pattern_length``).
+DEFAULT_MAX_MODEL_PATTERNS = 256
+DEFAULT_MAX_MODEL_PATTERN_LENGTH = 256
+#: Longest model id a glob is matched against; a longer one is allowed only by an identical exact entry. Bounds
+#: the regex work per request (a 32 MiB ``model`` against ``*-mini`` globs would otherwise take seconds).
+MAX_GLOB_MATCHED_MODEL_LENGTH = 256
+
+# What holding a scope lets a key grant and manage: the scope itself and everything below it.
+IMPLIED_SCOPES: Mapping[str, frozenset[str]] = {
+    SCOPE_API: frozenset({SCOPE_API}),
+    SCOPE_ADMIN: frozenset({SCOPE_ADMIN, SCOPE_API}),
+    SCOPE_ADMIN_GLOBAL: frozenset({SCOPE_ADMIN_GLOBAL, SCOPE_ADMIN, SCOPE_API}),
+}
 
 
 def generate_key() -> str:
@@ -65,16 +93,127 @@ class KeyHasher:
         return outer.hexdigest()
 
 
+def has_glob(pattern: str) -> bool:
+    """Whether ``pattern`` is an fnmatch glob (has ``*``, ``?`` or ``[``) rather than an exact model id."""
+    return "*" in pattern or "?" in pattern or "[" in pattern
+
+
+class ModelPatterns(tuple[str, ...]):
+    """A key's model patterns (exact ids or fnmatch globs), compiled once into a set and one regex.
+
+    It is the tuple of the patterns, so it compares, prints and serialises as one. :meth:`allows` is a set lookup
+    and, when the key has globs, one match of a single compiled alternation: the cost does not grow with the
+    number of exact ids, and no pattern is re-translated per call.
+    """
+
+    _exact: frozenset[str]
+    _globs: re.Pattern[str] | None
+
+    def __new__(cls, patterns: Iterable[str]) -> ModelPatterns:
+        self = super().__new__(cls, patterns)
+        self._exact = frozenset(self)  # a glob also matches itself literally, as fnmatch's callers expect
+        globs = [fnmatch.translate(p) for p in dict.fromkeys(self) if has_glob(p)]
+        self._globs = re.compile("|".join(globs)) if globs else None
+        return self
+
+    def allows(self, model: str) -> bool:
+        """Whether ``model`` equals one of the patterns or matches one of the globs (case-sensitive); globs are
+        tried only on ids of at most :data:`MAX_GLOB_MATCHED_MODEL_LENGTH` characters."""
+        if model in self._exact:
+            return True
+        globs = self._globs
+        return globs is not None and len(model) <= MAX_GLOB_MATCHED_MODEL_LENGTH and globs.match(model) is not None
+
+    def covers(self, pattern: str) -> bool:
+        """Whether every model ``pattern`` names is allowed here, decided conservatively: ``pattern`` is one of
+        these patterns, or an exact id (no glob character) that they allow."""
+        return pattern in self._exact or (not has_glob(pattern) and self.allows(pattern))
+
+
 def model_allowed(patterns: tuple[str, ...] | None, model: str) -> bool:
-    """Whether a key restricted to ``patterns`` (exact ids or fnmatch globs; None = all) may use ``model``."""
+    """Whether a key restricted to ``patterns`` (exact ids or fnmatch globs; None = all) may use ``model``.
+
+    Cheap for a :class:`ModelPatterns` (what :class:`Authenticator` puts in a principal); a plain tuple is compiled
+    on every call.
+    """
     if patterns is None:
         return True
-    for pattern in patterns:
-        if pattern == model or (
-            ("*" in pattern or "?" in pattern or "[" in pattern) and fnmatch.fnmatchcase(model, pattern)
-        ):
-            return True
-    return False
+    if not isinstance(patterns, ModelPatterns):
+        patterns = ModelPatterns(patterns)
+    return patterns.allows(model)
+
+
+def models_within(requested: tuple[str, ...] | None, held: tuple[str, ...] | None) -> bool:
+    """Whether every model ``requested`` could name is one ``held`` allows; conservative for globs.
+
+    ``held`` ``None`` (every model) contains anything; ``requested`` ``None`` is contained only by ``None``. A
+    requested pattern is contained if it equals a held pattern, or is an exact id (no glob character) that the held
+    patterns allow. A glob is never compared with a different glob: ``gpt-4o-*`` is not within ``gpt-*``.
+    """
+    if held is None:
+        return True
+    if requested is None:
+        return False
+    compiled = held if isinstance(held, ModelPatterns) else ModelPatterns(held)
+    return all(compiled.covers(p) for p in requested)
+
+
+@dataclass(frozen=True, slots=True)
+class Grant:
+    """What a key may do: its scopes, models (``None``: every model), effective requests and tokens per minute
+    (``None``: unlimited, the largest) and expiry (epoch seconds; ``None``: never, the latest)."""
+
+    scopes: frozenset[str]
+    models: tuple[str, ...] | None
+    rpm: int | None
+    tpm: int | None
+    expires_at: int | None
+
+    @classmethod
+    def of_principal(cls, principal: Principal) -> Grant:
+        return cls(principal.scopes, principal.models, principal.quota.rpm, principal.quota.tpm, principal.expires_at)
+
+    @classmethod
+    def of_key(cls, key: APIKey, plans: Mapping[str, Plan] = DEFAULT_PLANS) -> Grant:
+        """The grant of a stored key; a plan missing from ``plans`` counts as unlimited (the strongest)."""
+        try:
+            quota = quota_for(key.plan, key.rpm, key.tpm, plans)
+        except ValueError:
+            quota = Quota(rpm=None, tpm=None)
+        return cls(frozenset(key.scopes), key.models, quota.rpm, quota.tpm, key.expires_at)
+
+
+def at_most(value: int | None, bound: int | None) -> bool:
+    """``value <= bound`` where ``None`` is the largest value (unlimited, never): how limits and expiries compare."""
+    return bound is None or (value is not None and value <= bound)
+
+
+def grantable_scopes(scopes: Iterable[str]) -> frozenset[str]:
+    """The scopes a holder of ``scopes`` may grant and manage (see :data:`IMPLIED_SCOPES`)."""
+    granted: set[str] = set()
+    for scope in scopes:
+        granted |= IMPLIED_SCOPES.get(scope, frozenset({scope}))
+    return frozenset(granted)
+
+
+def exceeds(grant: Grant, holder: Grant) -> str | None:
+    """The first dimension in which ``grant`` reaches beyond ``holder``, or ``None`` if it lies within it.
+
+    One of ``"scopes"`` (a scope the holder neither has nor implies), ``"models"`` (see :func:`models_within`),
+    ``"rpm"``, ``"tpm"`` (a larger effective limit) or ``"expires_at"`` (a later expiry). The one rule behind which
+    keys an admin key sees and manages and what a key it creates may get.
+    """
+    if not grant.scopes <= grantable_scopes(holder.scopes):
+        return "scopes"
+    if not models_within(grant.models, holder.models):
+        return "models"
+    if not at_most(grant.rpm, holder.rpm):
+        return "rpm"
+    if not at_most(grant.tpm, holder.tpm):
+        return "tpm"
+    if not at_most(grant.expires_at, holder.expires_at):
+        return "expires_at"
+    return None
 
 
 def _parse_bearer(authorization: str) -> str | None:
@@ -90,14 +229,23 @@ class Authenticator:
     One digest and one (normally cached) store lookup per request; principals are memoised per stored key.
     """
 
-    def __init__(self, store: KeyStore, hasher: KeyHasher, plans: Mapping[str, Plan] = DEFAULT_PLANS) -> None:
+    def __init__(
+        self,
+        store: KeyStore,
+        hasher: KeyHasher,
+        plans: Mapping[str, Plan] = DEFAULT_PLANS,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.store = store
         self.hasher = hasher
         self.plans = plans
+        self.clock = clock
         self._principals: dict[str, tuple[APIKey, Principal]] = {}
 
     def principal_for(self, key: APIKey) -> Principal:
-        """The principal of ``key``, memoised per stored key (a changed record gets a new one)."""
+        """The principal of ``key``, memoised per stored key (a changed record gets a new one); its model patterns
+        are compiled here, once per principal."""
         memo = self._principals.get(key.id)
         if memo is not None and (memo[0] is key or memo[0] == key):
             return memo[1]
@@ -108,8 +256,9 @@ class Authenticator:
             owner=key.owner,
             plan=key.plan,
             quota=quota_for(key.plan, key.rpm, key.tpm, self.plans),
-            models=key.models,
+            models=None if key.models is None else ModelPatterns(key.models),
             scopes=frozenset(key.scopes),
+            expires_at=key.expires_at,
         )
         self._principals[key.id] = (key, principal)
         return principal
@@ -132,7 +281,7 @@ class Authenticator:
             raise _invalid_key(token)
         digest = self.hasher.hash(token)
         key = await self.store.get_by_hash(digest)
-        if key is None or not hmac.compare_digest(key.key_hash, digest) or not key.is_active(time.time()):
+        if key is None or not hmac.compare_digest(key.key_hash, digest) or not key.is_active(self.clock()):
             raise _invalid_key(token)
         return self.principal_for(key)
 
@@ -149,13 +298,22 @@ def require_scope(principal: Principal, scope: str, *alternatives: str) -> None:
 
 
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_DURATION_RE = re.compile(r"(\d+)([smhdw])")
+#: The longest duration text accepted (far beyond 100 years in any unit), so no huge number is ever parsed.
+MAX_DURATION_CHARS = 32
+_DURATION_RE = re.compile(r"([0-9]+)([smhdw])")
+_SECONDS_RE = re.compile(r"[0-9]+")
+_DURATION_HINT = "use a number of seconds or a duration such as 90m, 12h, 30d, 1w or 1w2d"
 
 
 def parse_duration(text: str) -> int:
-    """``30d``, ``12h``, ``90m``, ``1w2d`` or plain seconds → seconds. ``ValueError`` on anything else."""
+    """``30d``, ``12h``, ``90m``, ``1w2d`` or plain seconds → seconds (ASCII digits, at most 32 characters).
+
+    ``ValueError`` on anything else, with a message fit for a client.
+    """
     text = text.strip()
-    if text.isdigit():
+    if len(text) > MAX_DURATION_CHARS:
+        raise ValueError(f"invalid duration: longer than {MAX_DURATION_CHARS} characters; {_DURATION_HINT}")
+    if _SECONDS_RE.fullmatch(text):
         seconds = int(text)
     else:
         pos, seconds = 0, 0
@@ -165,22 +323,45 @@ def parse_duration(text: str) -> int:
             seconds += int(match.group(1)) * DURATION_UNITS[match.group(2)]
             pos = match.end()
         if pos != len(text) or not text:
-            raise ValueError(f"invalid duration {text!r}: use e.g. 3600, 90m, 12h, 30d or 1w")
+            raise ValueError(f"invalid duration {text!r}: {_DURATION_HINT}")
     if seconds <= 0:
         raise ValueError(f"invalid duration {text!r}: it must be positive")
     return seconds
 
 
+def _check_text(value: str, param: str) -> None:
+    if not value or len(value) > 200:
+        raise InvalidRequestError(f"'{param}' must be 1 to 200 characters.", param=param)
+    if "\x00" in value:
+        raise InvalidRequestError(f"'{param}' must not contain NUL characters.", param=param)
+
+
 class KeyManager:
     """Issues, lists, revokes and rotates keys: the one implementation behind the CLI and the key API.
 
-    Secrets are returned once, by :meth:`create` and :meth:`rotate`, and never stored.
+    Secrets are returned once, by :meth:`create` and :meth:`rotate`, and never stored. A key's ``models`` are
+    bounded when it is made: at most ``max_model_patterns`` patterns of at most ``max_model_pattern_length``
+    characters each (400 ``param: "models"`` otherwise).
     """
 
-    def __init__(self, store: KeyStore, hasher: KeyHasher, plans: Mapping[str, Plan] = DEFAULT_PLANS) -> None:
+    def __init__(
+        self,
+        store: KeyStore,
+        hasher: KeyHasher,
+        plans: Mapping[str, Plan] = DEFAULT_PLANS,
+        *,
+        max_model_patterns: int = DEFAULT_MAX_MODEL_PATTERNS,
+        max_model_pattern_length: int = DEFAULT_MAX_MODEL_PATTERN_LENGTH,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if max_model_patterns < 1 or max_model_pattern_length < 1:
+            raise ValueError("max_model_patterns and max_model_pattern_length must be >= 1")
         self.store = store
         self.hasher = hasher
         self.plans = plans
+        self.max_model_patterns = max_model_patterns
+        self.max_model_pattern_length = max_model_pattern_length
+        self.clock = clock
 
     async def create(
         self,
@@ -193,11 +374,19 @@ class KeyManager:
         models: Iterable[str] | None = None,
         scopes: Iterable[str] = DEFAULT_SCOPES,
         expires_in: int | None = None,
+        expires_at: int | None = None,
+        within: Grant | None = None,
     ) -> tuple[APIKey, str]:
-        if not name or len(name) > 200:
-            raise InvalidRequestError("'name' must be 1 to 200 characters.", param="name")
-        if not owner or len(owner) > 200:
-            raise InvalidRequestError("'owner' must be 1 to 200 characters.", param="owner")
+        """A new key and its secret; 400 (``InvalidRequestError`` with ``param``) for a bad value.
+
+        The key expires ``expires_in`` seconds from now, or at the epoch second ``expires_at`` (give at most one),
+        or never. ``created_at`` is the current second rounded up and ``expires_at = created_at + expires_in``, so
+        a key never expires before ``expires_in`` seconds have passed. With ``within`` (the creator's grant), a key
+        reaching beyond it is refused with 403 ``insufficient_permissions`` naming the field (``scopes``,
+        ``models``, ``plan``, ``rpm``, ``tpm`` or ``expires_in``) and nothing is stored.
+        """
+        _check_text(name, "name")
+        _check_text(owner, "owner")
         if plan not in self.plans:
             raise InvalidRequestError(
                 f"Unknown plan {plan!r}; expected one of: {', '.join(sorted(self.plans))}.", param="plan"
@@ -205,16 +394,20 @@ class KeyManager:
         for field, value in (("rpm", rpm), ("tpm", tpm)):
             if value is not None and value < 1:
                 raise InvalidRequestError(f"'{field}' must be a positive integer.", param=field)
+        if expires_in is not None and expires_at is not None:
+            raise ValueError("give expires_in or expires_at, not both")
         if expires_in is not None and expires_in < 1:
             raise InvalidRequestError("'expires_in' must be a positive number of seconds.", param="expires_in")
+        if expires_at is not None and expires_at < 1:
+            raise InvalidRequestError("'expires_at' must be a positive epoch second.", param="expires_at")
         scope_tuple = tuple(dict.fromkeys(scopes))
         unknown = [s for s in scope_tuple if s not in KNOWN_SCOPES]
         if unknown:
             raise InvalidRequestError(
                 f"Unknown scope {unknown[0]!r}; expected some of: {', '.join(sorted(KNOWN_SCOPES))}.", param="scopes"
             )
-        model_tuple = None if models is None else tuple(dict.fromkeys(m for m in models if m))
-        now = int(time.time())
+        model_tuple = self._model_patterns(models)
+        now = math.ceil(self.clock())
         secret = generate_key()
         key = APIKey(
             id="key_" + uuid.uuid4().hex[:24],
@@ -227,20 +420,76 @@ class KeyManager:
             models=model_tuple,
             scopes=scope_tuple,
             created_at=now,
-            expires_at=now + expires_in if expires_in else None,
+            expires_at=now + expires_in if expires_in is not None else expires_at,
             hint=secret[:_HINT_LEN],
         )
+        if within is not None:
+            self._refuse_beyond(key, within)
         await self.store.create(key)
         return key, secret
 
+    def _model_patterns(self, models: Iterable[str] | None) -> tuple[str, ...] | None:
+        if models is None:
+            return None
+        cap, longest = self.max_model_patterns, self.max_model_pattern_length
+        patterns = list(itertools.islice(models, cap + 1))
+        if len(patterns) > cap:
+            raise InvalidRequestError(f"'models' may list at most {cap} model ids or patterns.", param="models")
+        if any(len(p) > longest for p in patterns):
+            raise InvalidRequestError(
+                f"Each model id or pattern in 'models' must be at most {longest} characters.", param="models"
+            )
+        return tuple(dict.fromkeys(p for p in patterns if p))
+
+    def _refuse_beyond(self, key: APIKey, holder: Grant) -> None:
+        """403 naming the field in which ``key`` reaches beyond ``holder``; nothing if it lies within."""
+        dimension = exceeds(Grant.of_key(key, self.plans), holder)
+        if dimension is None:
+            return
+        if dimension == "scopes":
+            scope = next(s for s in key.scopes if s not in grantable_scopes(holder.scopes))
+            message = f"This API key cannot grant the '{scope}' scope, which it does not hold itself."
+            raise PermissionDeniedError(message, param="scopes")
+        if dimension == "models":
+            if key.models is None:
+                message = "This API key is limited to some models and cannot grant every model; list them in 'models'."
+            else:
+                held = holder.models if isinstance(holder.models, ModelPatterns) else ModelPatterns(holder.models or ())
+                pattern = next(p for p in key.models if not held.covers(p))
+                message = f"This API key cannot grant the model '{pattern}', which its own models do not cover."
+            raise PermissionDeniedError(message, param="models")
+        if dimension in ("rpm", "tpm"):
+            unit = "requests" if dimension == "rpm" else "tokens"
+            own = holder.rpm if dimension == "rpm" else holder.tpm
+            if (key.rpm if dimension == "rpm" else key.tpm) is not None:
+                message = f"This API key cannot grant more than {own} {unit} per minute, its own limit."
+                raise PermissionDeniedError(message, param=dimension)
+            message = (
+                f"The plan '{key.plan}' allows more {unit} per minute than this API key's own {own}; choose a "
+                f"smaller plan or set '{dimension}' within that limit."
+            )
+            raise PermissionDeniedError(message, param="plan")
+        message = f"This API key expires at {holder.expires_at} (epoch seconds); a key it creates cannot expire later."
+        raise PermissionDeniedError(message, param="expires_in")
+
+    def manages(self, principal: Principal, key: APIKey) -> bool:
+        """Whether ``principal`` may see and manage ``key``: a key of its owner (of any owner with
+        ``admin:global``) whose grant lies within the principal's own (:func:`exceeds`)."""
+        if key.owner != principal.owner and SCOPE_ADMIN_GLOBAL not in principal.scopes:
+            return False
+        return exceeds(Grant.of_key(key, self.plans), Grant.of_principal(principal)) is None
+
     async def list(self, owner: str | None = None) -> list[APIKey]:
+        """Every key (of ``owner``); 400 ``param: "owner"`` for an owner no key can have (a NUL character)."""
+        if owner is not None and "\x00" in owner:
+            raise InvalidRequestError("'owner' must not contain NUL characters.", param="owner")
         return await self.store.list(owner)
 
     async def get(self, key_id: str) -> APIKey | None:
         return await self.store.get(key_id)
 
     async def revoke(self, key_id: str) -> APIKey | None:
-        return await self.store.revoke(key_id, int(time.time()))
+        return await self.store.revoke(key_id, int(self.clock()))
 
     async def rotate(self, key_id: str) -> tuple[APIKey, str] | None:
         secret = generate_key()

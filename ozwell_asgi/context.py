@@ -42,6 +42,8 @@ class Settings:
     (0: never; the client then waits for the first chunk, and a failure before it keeps its HTTP status).
     ``offload_parse_above``: bodies larger than this (bytes) are parsed and counted in a worker thread, so one large
     admitted request does not stall every other client on the event loop.
+    ``max_model_patterns``: most model ids or globs a key's ``models`` may list (256), checked when a key is made.
+    ``max_model_pattern_length``: longest model id or glob in a key's ``models``, in characters (256).
     """
 
     max_body_size: int = 32 * 1024 * 1024
@@ -53,9 +55,19 @@ class Settings:
     offload_parse_above: int = 1024 * 1024
     call_timeout: float = 600.0
     stream_keepalive: float = 15.0
+    max_model_patterns: int = 256
+    max_model_pattern_length: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("max_body_size", "default_completion_reserve", "max_messages", "max_content_parts", "max_choices"):
+        for name in (
+            "max_body_size",
+            "default_completion_reserve",
+            "max_messages",
+            "max_content_parts",
+            "max_choices",
+            "max_model_patterns",
+            "max_model_pattern_length",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"Settings.{name} must be >= 1")
         if self.body_idle_timeout <= 0 or self.call_timeout <= 0:
@@ -105,10 +117,12 @@ class Services:
         """Admit one billable call for ``principal`` before its body is read (429 if its budgets are spent)."""
         return await Meter.admit(self.limiter, principal)
 
-    async def read_json(self, request: Request) -> bytes:
-        """The request's JSON body within the settings' size cap (413) and idle timeout (408)."""
+    async def read_json(self, request: Request, cap: int | None = None) -> bytes:
+        """The request's JSON body within a size cap (413; the settings' ``max_body_size``, or a route's smaller
+        ``cap``) and the idle timeout (408)."""
         settings = self.settings
-        return await read_json_body(request, settings.max_body_size, settings.body_idle_timeout)
+        limit = settings.max_body_size if cap is None else min(cap, settings.max_body_size)
+        return await read_json_body(request, limit, settings.body_idle_timeout)
 
     async def charge_request(self, principal: Principal) -> list[tuple[bytes, bytes]]:
         """Take one request and no tokens on the caller's limits (429 if spent); the rate-limit headers to send."""

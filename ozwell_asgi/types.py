@@ -90,7 +90,11 @@ class Quota:
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: resolved from an API key (or, later, by the host's own auth)."""
+    """Who is calling: resolved from an API key (or, later, by the host's own auth).
+
+    ``models`` is ``None`` for "every model"; from :class:`~ozwell_asgi.auth.Authenticator` it is a compiled
+    :class:`~ozwell_asgi.auth.ModelPatterns`, so matching a model costs a set lookup and at most one regex match.
+    """
 
     key_id: str
     owner: str
@@ -98,6 +102,7 @@ class Principal:
     quota: Quota
     models: tuple[str, ...] | None = None
     scopes: frozenset[str] = frozenset(DEFAULT_SCOPES)
+    expires_at: int | None = None  # the key's expiry (epoch seconds); None: never
 
     def has_scope(self, scope: str) -> bool:
         return scope in self.scopes

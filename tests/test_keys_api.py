@@ -61,7 +61,11 @@ def check_key_object(body: dict[str, Any], *, with_secret: bool = False) -> None
 
 
 class World:
-    """One app and its first keys: admins of alice and bob, an api-only key of alice, a global admin."""
+    """One app and its first keys: admins of alice and bob, an api-only key of alice, a global admin.
+
+    The admins are on the enterprise plan (unlimited tokens) with 10,000 requests/min, so they may create keys of
+    any plan with a lower ``rpm``; tests/test_key_grants.py covers what weaker admins may do.
+    """
 
     def __init__(self, api: OzwellAPI) -> None:
         self.api = api
@@ -69,13 +73,15 @@ class World:
     async def setup(self) -> World:
         keys = self.api.keys
         self.alice_admin_key, self.alice_admin = await keys.create(
-            name="alice admin", owner="alice", scopes=ADMIN, rpm=10_000
+            name="alice admin", owner="alice", scopes=ADMIN, plan="enterprise", rpm=10_000
         )
         self.alice_api_key, self.alice_api = await keys.create(name="alice app", owner="alice", rpm=10_000)
-        self.bob_admin_key, self.bob_admin = await keys.create(name="bob admin", owner="bob", scopes=ADMIN, rpm=10_000)
+        self.bob_admin_key, self.bob_admin = await keys.create(
+            name="bob admin", owner="bob", scopes=ADMIN, plan="enterprise", rpm=10_000
+        )
         self.bob_api_key, self.bob_api = await keys.create(name="bob app", owner="bob", rpm=10_000)
         self.root_key, self.root = await keys.create(
-            name="ops", owner="ops", scopes=["api", "admin:global"], rpm=10_000
+            name="ops", owner="ops", scopes=["api", "admin:global"], plan="enterprise", rpm=10_000
         )
         return self
 
@@ -185,7 +191,7 @@ async def test_lifecycle_on_sqlite_persists(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path}/k.db"
     api = OzwellAPI(key_store=url, secret="s" * 32)
     try:
-        _, admin = await api.keys.create(name="admin", owner="alice", scopes=ADMIN, rpm=10_000)
+        _, admin = await api.keys.create(name="admin", owner="alice", scopes=ADMIN, plan="enterprise", rpm=10_000)
         key_id = await run_lifecycle(api, admin)
     finally:
         await api.aclose()
@@ -380,7 +386,7 @@ async def test_bad_json_and_content_type(world: World) -> None:
 async def test_configured_plans_and_durations() -> None:
     plans = {**DEFAULT_PLANS, "team": Plan("team", rpm=500, tpm=None)}
     api = OzwellAPI(secret="s" * 32, plans=plans)
-    _, admin = await api.keys.create(name="admin", owner="alice", scopes=ADMIN)
+    _, admin = await api.keys.create(name="admin", owner="alice", scopes=ADMIN, plan="enterprise")
     async with raw_client(api) as http:
         response = await http.post(
             "/api-keys", json={"name": "t", "plan": "team", "expires_in": 3600, "models": None}, headers=auth(admin)
@@ -446,3 +452,17 @@ async def test_each_call_costs_one_request(world: World) -> None:
         assert seen == [2, 1, 0]
         response = await http.get("/api-keys", headers=auth(admin))
         assert response.status_code == 429 and envelope(response)["type"] == "rate_limit_error"
+
+
+async def test_a_key_request_body_is_capped_at_one_mebibyte() -> None:
+    from ozwell_asgi.routes.keys import MAX_KEY_REQUEST_BODY
+
+    api = OzwellAPI(secret="s" * 32)
+    _, admin = await api.keys.create(name="a", owner="o", scopes=["admin", "api"])
+    body = '{"name": "x", "pad": "' + "y" * MAX_KEY_REQUEST_BODY + '"}'
+    async with raw_client(api) as http:
+        response = await http.post(
+            "/api-keys", content=body, headers={"authorization": f"Bearer {admin}", "content-type": "application/json"}
+        )
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "payload_too_large"

@@ -120,6 +120,18 @@ async def test_unknown_id_and_hash(store: KeyStore) -> None:
     assert await store.list("nobody") == []
 
 
+async def test_lookups_by_text_no_key_can_hold_find_nothing(store: KeyStore) -> None:
+    """A NUL character (PostgreSQL cannot store one) in an id, hash or owner: not found, never an error."""
+    await store.create(make_key(1))
+    for bad in ("\x00", "key_1\x00", "k\x00ey"):
+        assert await store.get(bad) is None
+        assert await store.get_by_hash(bad) is None
+        assert await store.list(bad) == []
+        assert await store.revoke(bad, 100) is None
+        assert await store.rotate(bad, "hash_nul", "ozw_nul") is None
+    assert await store.list() == [make_key(1)]
+
+
 async def test_duplicate_id_or_hash_is_rejected_and_writes_nothing(store: KeyStore) -> None:
     original = make_key(1)
     await store.create(original)

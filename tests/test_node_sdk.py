@@ -32,6 +32,8 @@ EXPECTED_CHECKS = [
     "unknown model → NotFoundError",
     "bad key → AuthenticationError",
     "forced tool call",
+    "streamed tool call arguments",
+    "embeddings.create",
     "x-request-id via withResponse/asResponse",
 ]
 
@@ -97,4 +99,6 @@ def test_openai_node_sdk() -> None:
     assert checks["unknown model → NotFoundError"]["code"] == "model_not_found"
     assert checks["bad key → AuthenticationError"]["status"] == 401
     assert checks["forced tool call"]["arguments"]["city"] == "Paris"
+    assert checks["streamed tool call arguments"]["arguments"] == {"city": "Lyon"}
+    assert checks["embeddings.create"]["dimensions"] == 8
     assert checks["x-request-id via withResponse/asResponse"]["request_id"].startswith("req_")

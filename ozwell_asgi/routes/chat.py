@@ -88,7 +88,7 @@ def render_completion(result: ChatResult, completion_id: str, created: int, mode
         "choices": choices,
         "usage": usage_dict(usage),
         "service_tier": "default",
-        "system_fingerprint": result.system_fingerprint,
+        "system_fingerprint": result.system_fingerprint or "fp_ozwell",
     }
 
 
@@ -160,7 +160,7 @@ async def create_chat_completion(services: Services, request: Request) -> Any:
     stream = backend.stream_chat(chat, call)
     # Failures before the first chunk get a real HTTP status. A backend slow to send it (an upstream's first token)
     # gets the response started after ``stream_keepalive`` seconds, with ": ping" comments until it comes.
-    first: ChatChunk | None | asyncio.Future[ChatChunk | None]
+    first: ChatChunk | asyncio.Future[ChatChunk | None] | None
     interval = services.settings.stream_keepalive
     try:
         if interval:
@@ -272,7 +272,7 @@ async def _frames(
     services: Services,
     chat: ChatCompletionRequest,
     stream: AsyncIterator[ChatChunk],
-    first: ChatChunk | None | asyncio.Future[ChatChunk | None],
+    first: ChatChunk | asyncio.Future[ChatChunk | None] | None,
     meter: Meter,
     completion_id: str,
     created: int,

@@ -8,13 +8,15 @@
 
 Every route needs a key with the ``admin`` or ``admin:global`` scope (401 without a valid key, 403
 ``insufficient_permissions`` without the scope) and costs one request and no tokens on the caller's rate limit;
-successful answers carry the rate-limit headers. An ``admin`` key manages the keys of its own owner only: another
-owner's key answers 404 ``api_key_not_found`` exactly like an unknown id, so ids never leak. ``admin:global``
-manages every owner's keys.
+successful answers carry the rate-limit headers.
 
-Creating: ``owner`` defaults to the caller's; another owner needs ``admin:global`` (403). A key may grant only the
-scopes its creator holds (403 otherwise), where ``admin:global`` implies ``admin`` and ``admin`` implies ``api``:
-an ``admin`` key can mint ``api`` and ``admin`` keys of its owner, never an ``admin:global`` one.
+A key never reaches beyond its own grant (:func:`~ozwell_asgi.auth.exceeds`, the one rule for both): it sees and
+manages only keys of its owner (of every owner with ``admin:global``) whose scopes, models, effective limits and
+expiry lie within its own; any other key answers 404 ``api_key_not_found`` exactly like an unknown id and is not
+listed. A key it creates gets at most what it holds (403 ``insufficient_permissions`` naming the field), where
+``admin:global`` implies ``admin`` and ``admin`` implies ``api``. Fields the request leaves out default to the
+creator's bounds: ``models`` to its models, ``expires_in`` to its expiry, and the default plan's limits are capped
+at its own. ``owner`` defaults to the caller's; another owner needs ``admin:global`` (403).
 
 Revoking is idempotent: revoking a revoked key answers the deletion object again (the key stays listed, with
 ``status: "revoked"``). Rotating a revoked key is refused with 400 ``api_key_revoked`` (it has no secret to
@@ -33,12 +35,11 @@ from typing import Any
 
 from starlette.requests import Request
 
-from ..auth import KNOWN_SCOPES
-from ..bodies import read_json_body
+from ..auth import Grant, at_most
 from ..context import Services
 from ..errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from ..responses import JSONResponse
-from ..types import DEFAULT_SCOPES, SCOPE_ADMIN, SCOPE_ADMIN_GLOBAL, SCOPE_API, APIKey, Principal
+from ..types import DEFAULT_SCOPES, SCOPE_ADMIN, SCOPE_ADMIN_GLOBAL, APIKey, Principal
 from ..wire.keys import parse_create_key_request
 
 __all__ = [
@@ -52,14 +53,11 @@ __all__ = [
     "rotate_key",
 ]
 
-# What holding a scope lets a key grant: the scope itself and everything below it.
-_IMPLIED: dict[str, frozenset[str]] = {
-    SCOPE_API: frozenset({SCOPE_API}),
-    SCOPE_ADMIN: frozenset({SCOPE_ADMIN, SCOPE_API}),
-    SCOPE_ADMIN_GLOBAL: frozenset({SCOPE_ADMIN_GLOBAL, SCOPE_ADMIN, SCOPE_API}),
-}
-
 Headers = list[tuple[bytes, bytes]]
+
+# The largest body POST /api-keys accepts: a key's fields with the most model patterns the caps allow fit many
+# times over (413 past it), so a hostile body costs no more than this to parse.
+MAX_KEY_REQUEST_BODY = 1024 * 1024
 
 
 def key_object(key: APIKey, secret: str | None = None) -> dict[str, Any]:
@@ -101,51 +99,56 @@ def _not_found(key_id: str) -> NotFoundError:
 
 
 async def _visible_key(services: Services, principal: Principal, key_id: str) -> APIKey:
-    """The key ``key_id`` if the caller may manage it; 404 if unknown or another owner's (for a non-global key)."""
+    """The key ``key_id`` if the caller may manage it; 404 if unknown, another owner's (for a non-global key) or
+    beyond the caller's grant: the three are indistinguishable."""
     key = await services.keys.get(key_id)
-    if key is None or (key.owner != principal.owner and not _is_global(principal)):
+    if key is None or not services.keys.manages(principal, key):
         raise _not_found(key_id)
     return key
 
 
-def _grantable(principal: Principal) -> frozenset[str]:
-    granted: set[str] = set()
-    for scope in principal.scopes:
-        granted |= _IMPLIED.get(scope, frozenset({scope}))
-    return frozenset(granted)
-
-
 async def create_key(services: Services, request: Request) -> JSONResponse:
-    """POST /api-keys: 201 with the key object and its ``secret``; 400 (with ``param``), 403, 413 or 415."""
+    """POST /api-keys: 201 with the key object and its ``secret``; 400 (with ``param``), 403, 413 or 415.
+
+    What the body leaves out is bounded by the caller's grant: ``models`` are the caller's, the key expires with
+    the caller, and the default plan's limits are lowered to the caller's. What it asks for explicitly beyond that
+    grant is refused (403, ``param`` naming the field).
+    """
     principal, headers = await _admin(services, request)
-    body = parse_create_key_request(await read_json_body(request, services.settings.max_body_size))
+    body = parse_create_key_request(await services.read_json(request, MAX_KEY_REQUEST_BODY))
     owner = principal.owner if body.owner is None else body.owner
     if owner != principal.owner and not _is_global(principal):
         raise PermissionDeniedError(
             f"Creating a key for another owner requires the '{SCOPE_ADMIN_GLOBAL}' scope.", param="owner"
         )
-    scopes = DEFAULT_SCOPES if body.scopes is None else tuple(body.scopes)
-    # Unknown scopes are KeyManager's 400; only known ones can be an escalation.
-    beyond = [s for s in scopes if s in KNOWN_SCOPES and s not in _grantable(principal)]
-    if beyond:
-        raise PermissionDeniedError(
-            f"This API key cannot grant the '{beyond[0]}' scope, which it does not hold itself.", param="scopes"
-        )
+    holder = Grant.of_principal(principal)
+    given = body.model_fields_set
+    rpm, tpm = body.rpm, body.tpm
+    plan = services.plans.get(body.plan)
+    if plan is not None and "plan" not in given:  # the default plan: its limits are capped at the caller's
+        if rpm is None and not at_most(plan.rpm, holder.rpm):
+            rpm = holder.rpm
+        if tpm is None and not at_most(plan.tpm, holder.tpm):
+            tpm = holder.tpm
+    expires_in = body.expires_in_seconds()
     key, secret = await services.keys.create(
         name=body.name,
         owner=owner,
         plan=body.plan,
-        rpm=body.rpm,
-        tpm=body.tpm,
-        models=body.models,
-        scopes=scopes,
-        expires_in=body.expires_in_seconds(),
+        rpm=rpm,
+        tpm=tpm,
+        models=body.models if "models" in given else holder.models,
+        scopes=DEFAULT_SCOPES if body.scopes is None else body.scopes,
+        expires_in=expires_in,
+        expires_at=holder.expires_at if "expires_in" not in given else None,
+        within=holder,
     )
     return JSONResponse(key_object(key, secret), status=201, headers=headers)
 
 
 async def list_keys(services: Services, request: Request) -> JSONResponse:
-    """GET /api-keys[?owner=]: the caller's owner's keys (every owner's, or ``owner``'s, for ``admin:global``).
+    """GET /api-keys[?owner=]: the caller's owner's keys (every owner's, or ``owner``'s, for ``admin:global``)
+    that lie within the caller's grant.
 
     Ordered by creation time; revoked and expired keys included (see ``status``). A non-global key asking for
     another owner gets 403.
@@ -160,7 +163,7 @@ async def list_keys(services: Services, request: Request) -> JSONResponse:
                 f"Listing another owner's keys requires the '{SCOPE_ADMIN_GLOBAL}' scope.", param="owner"
             )
         owner = principal.owner
-    data = [key_object(k) for k in await services.keys.list(owner)]
+    data = [key_object(k) for k in await services.keys.list(owner) if services.keys.manages(principal, k)]
     return JSONResponse(
         {
             "object": "list",

@@ -3,20 +3,29 @@
 One :class:`SQLDatabase` (engine + the shared :data:`metadata` + a lazy, idempotent ``create_all``) can back every
 SQL store of a host, so they share one pool. Tables are created on first use, so the stores work when nobody runs
 a lifespan; on SQLite, WAL and a busy timeout let a CLI and a running server write the same file.
+
+No key hash reaches a log or an exception message: engines made here hide statement parameters
+(``hide_parameters=True``), a failed statement is re-raised without SQLAlchemy's text (which lists the
+parameters) whatever the engine, and aiosqlite's DEBUG lines name each operation without its arguments.
+
+Text holding a NUL character, which PostgreSQL cannot store, is never sent: no key has it, so a lookup by it
+finds nothing and a key carrying it is refused with ``ValueError``.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-from collections.abc import Mapping
-from functools import partial
+import logging
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any
 
 import anyio
 import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, ProgrammingError
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, ProgrammingError, StatementError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
@@ -83,7 +92,48 @@ def _on_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor.close()
 
 
-_unavailable = partial(unavailable_on, OperationalError, InterfaceError, OSError)
+class _OperationNamesOnly(logging.Filter):
+    """aiosqlite logs every operation at DEBUG as the call it runs, statement parameters included: keep the
+    record, with each callable argument shown by its name only (``execute``, ``fetchall``)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(_call_name(arg) if callable(arg) else arg for arg in record.args)
+        return True
+
+
+def _call_name(call: Any) -> str:
+    while isinstance(call, functools.partial):
+        call = call.func
+    return str(getattr(call, "__name__", type(call).__name__))
+
+
+_AIOSQLITE_FILTER = _OperationNamesOnly()
+
+
+_unavailable_on_outage = functools.partial(unavailable_on, OperationalError, InterfaceError, OSError)
+
+
+class KeyStoreStatementError(RuntimeError):
+    """A statement of the SQL key store failed; the message names the database's error, never the parameters."""
+
+
+@contextmanager
+def _unavailable() -> Iterator[None]:
+    """Outages become the 503 (:func:`unavailable_on`); any other failed statement a
+    :class:`KeyStoreStatementError` without SQLAlchemy's text, whose ``[parameters: ...]`` holds key hashes."""
+    try:
+        with _unavailable_on_outage():
+            yield
+    except StatementError as exc:
+        orig = exc.orig
+        code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+        detail = type(orig).__name__ + (f", SQLSTATE {code}" if code else "")
+        raise KeyStoreStatementError(f"the SQL key store's statement failed ({detail})") from None
+
+
+def _has_nul(*values: str | None) -> bool:
+    return any(value is not None and "\x00" in value for value in values)
 
 
 class SQLDatabase:
@@ -100,6 +150,7 @@ class SQLDatabase:
         self._lock = anyio.Lock()
         if engine.dialect.name == "sqlite":
             event.listen(engine.sync_engine, "connect", _on_sqlite_connect)
+            logging.getLogger("aiosqlite").addFilter(_AIOSQLITE_FILTER)  # idempotent: one filter object
 
     @classmethod
     def from_url(cls, url: str | URL, **engine_kwargs: Any) -> SQLDatabase:
@@ -119,6 +170,7 @@ class SQLDatabase:
             engine_kwargs.setdefault("connect_args", {"check_same_thread": False})
         elif parsed.get_backend_name() == "postgresql":
             engine_kwargs.setdefault("pool_pre_ping", True)
+        engine_kwargs.setdefault("hide_parameters", True)  # statement parameters hold key hashes
         return cls(create_async_engine(parsed, **engine_kwargs), owns_engine=True)
 
     async def ensure_tables(self) -> None:
@@ -206,17 +258,23 @@ class SQLKeyStore:
         return None if row is None else _key_from_row(row)
 
     async def create(self, key: APIKey) -> None:
-        """Insert ``key``; ``ValueError`` if its id or hash is taken (nothing is written then)."""
+        """Insert ``key``; ``ValueError`` if its id or hash is taken, or if a text field holds a NUL character
+        (nothing is written then)."""
+        row = _key_row(key)
+        if _has_nul(*(v for v in row.values() if isinstance(v, str))):
+            raise ValueError("an API key's text fields cannot hold NUL characters in a SQL store")
         with _unavailable():
             await self.db.ensure_tables()
             try:
                 async with self.db.engine.begin() as conn:
-                    await conn.execute(sa.insert(self._t).values(**_key_row(key)))
-            except IntegrityError as exc:
-                raise ValueError(f"an API key with id {key.id!r} or with this hash already exists") from exc
+                    await conn.execute(sa.insert(self._t).values(**row))
+            except IntegrityError:
+                raise ValueError(f"an API key with id {key.id!r} or with this hash already exists") from None
 
     async def get_by_hash(self, key_hash: str) -> APIKey | None:
         """The key whose current hash is ``key_hash``, or ``None`` (one indexed SELECT)."""
+        if _has_nul(key_hash):
+            return None
         with _unavailable():
             await self.db.ensure_tables()
             async with self.db.engine.connect() as conn:
@@ -224,6 +282,8 @@ class SQLKeyStore:
 
     async def get(self, key_id: str) -> APIKey | None:
         """The key with id ``key_id``, or ``None``."""
+        if _has_nul(key_id):
+            return None
         with _unavailable():
             await self.db.ensure_tables()
             async with self.db.engine.connect() as conn:
@@ -231,6 +291,8 @@ class SQLKeyStore:
 
     async def list(self, owner: str | None = None) -> list[APIKey]:
         """Every key (of ``owner``, if given), revoked and expired ones included, by ``created_at`` then ``id``."""
+        if _has_nul(owner):
+            return []
         query = sa.select(self._t).order_by(self._t.c.created_at, self._t.c.id)
         if owner is not None:
             query = query.where(self._t.c.owner == owner)
@@ -245,6 +307,8 @@ class SQLKeyStore:
 
         The key as stored afterwards, or ``None`` if there is no such key.
         """
+        if _has_nul(key_id):
+            return None
         t = self._t
         stmt = sa.update(t).where(t.c.id == key_id).values(revoked_at=sa.func.coalesce(t.c.revoked_at, at))
         with _unavailable():
@@ -256,8 +320,13 @@ class SQLKeyStore:
     async def rotate(self, key_id: str, key_hash: str, hint: str) -> APIKey | None:
         """Replace the hash and hint of the key if it is not revoked (one conditional UPDATE).
 
-        The updated key, ``None`` if the key is unknown or revoked; ``ValueError`` if ``key_hash`` is taken.
+        The updated key, ``None`` if the key is unknown or revoked; ``ValueError`` if ``key_hash`` is taken or
+        ``key_hash``/``hint`` hold a NUL character.
         """
+        if _has_nul(key_id):
+            return None
+        if _has_nul(key_hash, hint):
+            raise ValueError("an API key's hash and hint cannot hold NUL characters in a SQL store")
         t = self._t
         stmt = sa.update(t).where(t.c.id == key_id, t.c.revoked_at.is_(None)).values(key_hash=key_hash, hint=hint)
         with _unavailable():
@@ -268,8 +337,8 @@ class SQLKeyStore:
                     if result.rowcount == 0:
                         return None
                     return await self._select_one(conn, t.c.id == key_id)
-            except IntegrityError as exc:
-                raise ValueError("an API key with this hash already exists") from exc
+            except IntegrityError:
+                raise ValueError("an API key with this hash already exists") from None
 
     async def aclose(self) -> None:
         """Dispose of the engine if this store created it (``from_url``); a shared database is left open."""

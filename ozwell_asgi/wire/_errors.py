@@ -17,14 +17,15 @@ objects report only their first unknown field (:func:`unknown_field`), so no err
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple, TypeVar
+from typing import Any, NamedTuple, Self, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 from pydantic_core import ErrorDetails, PydanticCustomError, from_json
 
 from ..errors import InvalidRequestError
 
 __all__ = [
+    "ClosedModel",
     "INVALID_JSON_MESSAGE",
     "MAX_EXAMINED_ERRORS",
     "NOT_AN_OBJECT_MESSAGE",
@@ -118,6 +119,21 @@ def unknown_field(key: str) -> PydanticCustomError:
     extras and raises this once from an after-validator, so a body with a million unknown keys costs one error.
     """
     return PydanticCustomError("extra_forbidden", "Extra inputs are not permitted", {"key": key})
+
+
+class ClosedModel(BaseModel):
+    """A wire object that the spec (or we) close: an unknown field is a 400 naming the first one.
+
+    Not ``extra="forbid"``: pydantic would report every unknown field, one error each, however many were sent.
+    """
+
+    model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="after")
+    def _no_unknown_fields(self) -> Self:
+        if self.__pydantic_extra__:
+            raise unknown_field(next(iter(self.__pydantic_extra__)))
+        return self
 
 
 def _json_kind(value: object) -> str:

@@ -12,11 +12,11 @@ so a hostile body yields a handful of validation errors, never one per item (see
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Self, TypeAlias
+from typing import Annotated, Any, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from ._errors import parse_json_body, unknown_field
+from ._errors import ClosedModel, parse_json_body
 
 __all__ = [
     "AllowedTools",
@@ -91,19 +91,7 @@ class _Wire(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-class _Closed(BaseModel):
-    """An object the spec closes (``additionalProperties: false``): an unknown field is a 400 naming the first one.
-
-    Not ``extra="forbid"``: pydantic would report every unknown field, one error each, however many were sent.
-    """
-
-    model_config = ConfigDict(extra="allow")
-
-    @model_validator(mode="after")
-    def _no_unknown_fields(self) -> Self:
-        if self.__pydantic_extra__:
-            raise unknown_field(next(iter(self.__pydantic_extra__)))
-        return self
+_Closed = ClosedModel
 
 
 # Function names (and ``response_format.json_schema.name``): "Must be a-z, A-Z, 0-9, or contain underscores and

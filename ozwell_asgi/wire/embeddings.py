@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, TypeAlias
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from ._errors import parse_json_body
+from ._errors import ClosedModel, parse_json_body
 
 __all__ = ["MAX_INPUTS", "EmbeddingInput", "EmbeddingRequest", "parse_embedding_request"]
 
@@ -27,11 +27,9 @@ EmbeddingInput: TypeAlias = (
 )
 
 
-class EmbeddingRequest(BaseModel):
+class EmbeddingRequest(ClosedModel):
     """OpenAI's ``CreateEmbeddingRequest``: ``input`` is a string, a list of strings, a token list or a list of token
     lists."""
-
-    model_config = ConfigDict(extra="forbid")
 
     input: EmbeddingInput
     model: str

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, Field
 
 from ..auth import parse_duration
-from ._errors import parse_json_body
+from ._errors import ClosedModel, parse_json_body
 
 __all__ = ["CreateAPIKeyRequest", "parse_create_key_request"]
 
@@ -31,22 +31,20 @@ def _duration(text: str) -> str:
     return text
 
 
-class CreateAPIKeyRequest(BaseModel):
+class CreateAPIKeyRequest(ClosedModel):
     """``{"name", "owner"?, "plan"?, "rpm"?, "tpm"?, "models"?, "scopes"?, "expires_in"?}``.
 
     ``owner`` defaults to the caller's owner; ``scopes`` to ``["api"]``; ``models`` ``null`` means every model;
     ``expires_in`` is seconds (>= 1) or a duration such as ``"30d"``, ``"12h"``, ``"1w2d"``.
     """
 
-    model_config = ConfigDict(extra="forbid")
-
     name: str
     owner: str | None = None
     plan: str = "free"
     rpm: Annotated[int, Field(ge=1, le=MAX_LIMIT)] | None = None
     tpm: Annotated[int, Field(ge=1, le=MAX_LIMIT)] | None = None
-    models: list[str] | None = None
-    scopes: list[str] | None = None
+    models: Annotated[list[str], Field(fail_fast=True)] | None = None
+    scopes: Annotated[list[str], Field(fail_fast=True)] | None = None
     expires_in: Annotated[int, Field(ge=1, le=MAX_EXPIRES_IN)] | Annotated[str, AfterValidator(_duration)] | None = None
 
     def expires_in_seconds(self) -> int | None:

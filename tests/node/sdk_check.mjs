@@ -160,6 +160,56 @@ await check('forced tool call', async () => {
   return { name: call.function.name, arguments: args, finish_reason: choice.finish_reason };
 });
 
+await check('streamed tool call arguments', async () => {
+  const stream = await client.chat.completions.create({
+    model: 'echo',
+    messages: [{ role: 'user', content: 'Lyon' }],
+    stream: true,
+    tools: [
+      {
+        type: 'function',
+        function: {
+          name: 'get_weather',
+          parameters: { type: 'object', properties: { city: { type: 'string' } }, required: ['city'] },
+        },
+      },
+    ],
+    tool_choice: 'required',
+  });
+  const pieces = [];
+  let name = null;
+  let finish = null;
+  for await (const chunk of stream) {
+    const delta = chunk.choices[0]?.delta;
+    for (const call of delta?.tool_calls ?? []) {
+      if (call.function?.name) name = call.function.name;
+      if (call.function?.arguments) pieces.push(call.function.arguments);
+    }
+    finish = chunk.choices[0]?.finish_reason ?? finish;
+  }
+  assert.equal(name, 'get_weather');
+  assert.ok(pieces.length >= 2, `the arguments came in ${pieces.length} piece(s)`);
+  const args = JSON.parse(pieces.join(''));
+  assert.equal(args.city, 'Lyon');
+  assert.equal(finish, 'tool_calls');
+  return { pieces: pieces.length, arguments: args };
+});
+
+await check('embeddings.create', async () => {
+  const result = await client.embeddings.create({ model: 'echo-embedding', input: ['one', 'two'], dimensions: 8 });
+  assert.equal(result.object, 'list');
+  assert.equal(result.data.length, 2);
+  for (const item of result.data) {
+    assert.equal(item.embedding.length, 8);
+    const norm = Math.sqrt(item.embedding.reduce((sum, x) => sum + x * x, 0));
+    assert.ok(Math.abs(norm - 1) < 1e-5, `norm ${norm}`);
+  }
+  const floats = await client.embeddings.create({ model: 'echo-embedding', input: 'one', dimensions: 8, encoding_format: 'float' });
+  floats.data[0].embedding.forEach((x, i) => assert.ok(Math.abs(x - result.data[0].embedding[i]) < 1e-6));
+  assert.ok(result.usage.prompt_tokens > 0);
+  return { dimensions: result.data[0].embedding.length, usage: result.usage };
+});
+
 await check('x-request-id via withResponse/asResponse', async () => {
   const { data, response, request_id } = await client.chat.completions
     .create({ model: 'echo', messages: [{ role: 'user', content: 'raw' }] })
