@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
+import sys
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -856,3 +859,17 @@ def test_node_sdk_through_the_proxy(ozwell_upstream: tuple[str, str]) -> None:
     assert list(checks) == EXPECTED_CHECKS and all(check["ok"] for check in summary["checks"])
     assert checks["chat.completions.create stream"]["content"] == "streamed through the node sdk"
     assert checks["forced tool call"]["arguments"]["city"] == "Paris"
+
+
+def test_the_docs_section_runs(tmp_path: Path) -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "backends.md").read_text()
+    match = re.search(r"^## An OpenAI-compatible upstream .*?\n(.*?)(?=^## |\Z)", page, re.S | re.M)
+    assert match, "docs/backends.md has no section on the OpenAI-compatible upstream"
+    code = re.findall(r"^```python\n(.*?)^```$", match.group(1), re.S | re.M)
+    assert code, "the section opens with a Python example"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    for block in code:
+        out = subprocess.run(
+            [sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
