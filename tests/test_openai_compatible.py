@@ -569,9 +569,13 @@ def test_sse_decoder_caps() -> None:
         decoder.feed(b"data: 89\n")
 
 
-def test_base_url_is_checked() -> None:
+def test_arguments_are_checked() -> None:
     with pytest.raises(ValueError, match="base_url"):
         OpenAICompatibleBackend("127.0.0.1:8000/v1")
+    with pytest.raises(ValueError, match="api_key"):
+        OpenAICompatibleBackend("http://127.0.0.1:8000/v1", "sk-abc\nx-injected: 1")
+    with pytest.raises(ValueError, match="negative"):
+        OpenAICompatibleBackend("http://127.0.0.1:8000/v1", connect_retries=-1)
 
 
 # ------------------------------------------------------------------------------------------------- another ozwell-asgi

@@ -23,6 +23,7 @@ Guarantees:
 from __future__ import annotations
 
 import base64
+import contextlib
 import fnmatch
 import logging
 import re
@@ -405,7 +406,7 @@ async def _drain(pieces: AsyncIterator[bytes]) -> None:
     """Read what follows ``[DONE]`` (the end of the chunked body, usually at once) so the connection can be reused;
     more than ``MAX_ERROR_BODY`` bytes or a second's wait is left to the close."""
     size = 0
-    with anyio.move_on_after(1.0):
+    with anyio.move_on_after(1.0), contextlib.suppress(httpx.HTTPError):  # the answer is complete already
         async for piece in pieces:
             size += len(piece)
             if size > MAX_ERROR_BODY:
@@ -457,6 +458,8 @@ class OpenAICompatibleBackend:
         parsed = httpx.URL(base)
         if parsed.scheme not in ("http", "https") or not parsed.host:
             raise ValueError("base_url must be an http:// or https:// URL")
+        if api_key is not None and not (api_key.isascii() and api_key.isprintable()):
+            raise ValueError("api_key must be printable ASCII (it is sent in a header)")
         self.base_url = base
         self._chat_url = httpx.URL(base + "/chat/completions")  # parsed once, not per request
         self._embeddings_url = httpx.URL(base + "/embeddings")
