@@ -8,6 +8,7 @@ from .app import OzwellAPI
 from .auth import KeyHasher, KeyManager
 from .backends.echo import EchoBackend
 from .backends.function import FunctionBackend, Reply, function_backend
+from .backends.openai_compatible import OpenAICompatibleBackend
 from .backends.router import Route, RouterBackend
 from .context import Settings
 from .errors import (
@@ -70,6 +71,7 @@ __all__ = [
     "ModelCatalog",
     "ModelInfo",
     "NotFoundError",
+    "OpenAICompatibleBackend",
     "OzwellAPI",
     "OzwellError",
     "PermissionDeniedError",
