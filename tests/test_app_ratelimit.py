@@ -617,7 +617,7 @@ async def test_two_apps_on_one_redis_admit_exactly_the_budget(redis_url: str, re
 
     namespace = redis_prefix + "rl"
     stores = [RedisKeyStore.from_url(redis_url, prefix=redis_prefix) for _ in range(2)]
-    limiters = [LimitsRateLimiter(redis_url, namespace=namespace) for _ in range(2)]
+    limiters = [LimitsRateLimiter(redis_url, namespace=namespace, timeout=5.0) for _ in range(2)]
     real = Usage(prompt_tokens=10, completion_tokens=3)
     backends = [GatedBackend(real) for _ in range(2)]
     apps = [
