@@ -13,10 +13,22 @@ The file store, response store and the rest arrive with their issues, in the sam
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from .types import APIKey, Call, ChatChunk, ChatResult, EmbeddingResult, ModelInfo, Quota, Reservation
+from .types import (
+    APIKey,
+    Call,
+    ChatChunk,
+    ChatResult,
+    EmbeddingResult,
+    ModelInfo,
+    Page,
+    PageQuery,
+    Quota,
+    Reservation,
+    StoredFile,
+)
 
 if TYPE_CHECKING:
     from .wire.chat import ChatCompletionRequest
@@ -26,6 +38,7 @@ __all__ = [
     "ChatBackend",
     "CompletesChat",
     "EmbeddingBackend",
+    "FileStore",
     "KeyStore",
     "ModelCatalog",
     "RateLimiter",
@@ -123,3 +136,32 @@ class RateLimiter(Protocol):
     async def reserve_tokens(self, reservation: Reservation, tokens: int) -> None: ...
 
     async def settle(self, reservation: Reservation, used_tokens: int) -> None: ...
+
+
+@runtime_checkable
+class FileStore(Protocol):
+    """Owner-scoped files: metadata and content, content always as async byte iterators (never one bytes object).
+
+    Guarantees every adapter passes (the contract suite): another owner's id behaves exactly like an unknown one;
+    ``create`` is all or nothing (if ``content`` raises, e.g. a client gone mid-upload or a body over the cap, neither
+    metadata nor bytes remain); ``list`` is ordered by ``(created_at, id)`` and stable under concurrent creates.
+    """
+
+    async def create(self, file: StoredFile, content: AsyncIterable[bytes]) -> StoredFile:
+        """Store ``file`` and its ``content``; the stored file (``bytes`` set to the content's size)."""
+        ...
+
+    async def get(self, owner: str, file_id: str) -> StoredFile | None: ...
+
+    async def list(self, owner: str, query: PageQuery, purpose: str | None = None) -> Page[StoredFile]: ...
+
+    async def open(
+        self, owner: str, file_id: str, start: int = 0, end: int | None = None
+    ) -> AsyncIterator[bytes] | None:
+        """The content from byte ``start`` up to ``end`` (exclusive; ``None``: to the end), or ``None`` if there is
+        no such file of ``owner``."""
+        ...
+
+    async def delete(self, owner: str, file_id: str) -> bool:
+        """Remove the file and its content; ``False`` if there was no such file of ``owner``."""
+        ...

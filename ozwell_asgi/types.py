@@ -8,13 +8,17 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Generic, Literal, TypeVar
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 __all__ = [
     "APIKey",
     "Call",
+    "FilePurpose",
+    "Page",
+    "PageQuery",
+    "StoredFile",
     "ASGIApp",
     "AssistantMessage",
     "ChatChoice",
@@ -255,3 +259,46 @@ class EmbeddingResult:
     prompt_tokens: int
     model: str | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
+
+
+# --- pages (every list endpoint) and files ----------------------------------------------------------------------
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class PageQuery:
+    """One page of a list, as OpenAI pages: ``limit`` items after the id ``after`` (or before ``before``), in
+    ``order`` of creation (``desc``: newest first). Stores order by ``(created_at, id)``, so pages are stable under
+    concurrent creates; ``after``/``before`` name an item of the caller's own list (unknown: an empty page)."""
+
+    limit: int = 20
+    after: str | None = None
+    before: str | None = None
+    order: Literal["asc", "desc"] = "desc"
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """The items of one page, in the query's order, and whether more follow in that direction."""
+
+    data: tuple[T, ...]
+    has_more: bool
+
+
+FilePurpose = Literal["assistants", "batch", "fine-tune", "vision", "user_data", "evals"]
+
+
+@dataclass(frozen=True, slots=True)
+class StoredFile:
+    """A file's metadata. ``owner`` scopes it: another owner's id behaves exactly like an unknown one. ``bytes`` is
+    the content's size once stored; times are epoch seconds."""
+
+    id: str
+    owner: str
+    filename: str
+    purpose: str
+    bytes: int = 0
+    created_at: int = 0
+    expires_at: int | None = None
+    content_type: str = "application/octet-stream"
