@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 __all__ = [
     "ChatBackend",
     "CompletesChat",
+    "ContentStore",
     "EmbeddingBackend",
     "FileStore",
     "KeyStore",
@@ -164,4 +165,23 @@ class FileStore(Protocol):
 
     async def delete(self, owner: str, file_id: str) -> bool:
         """Remove the file and its content; ``False`` if there was no such file of ``owner``."""
+        ...
+
+
+@runtime_checkable
+class ContentStore(Protocol):
+    """Where file bytes live, by key, for a file store that keeps its metadata elsewhere (a local directory,
+    S3-compatible object storage). ``put`` is all or nothing: if ``content`` raises, nothing remains under ``key``.
+    """
+
+    async def put(self, key: str, content: AsyncIterable[bytes]) -> int:
+        """Store ``content`` under ``key`` (replacing nothing: keys are new file ids); the number of bytes stored."""
+        ...
+
+    def get(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """The bytes ``[start, end)`` under ``key`` as they are read (``FileNotFoundError`` if there are none)."""
+        ...
+
+    async def delete(self, key: str) -> None:
+        """Remove what is under ``key``; nothing there is not an error."""
         ...

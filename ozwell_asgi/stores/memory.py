@@ -7,10 +7,13 @@ writes, so each is atomic with respect to the other tasks of the event loop.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import AsyncIterable, AsyncIterator
 
-from ..types import APIKey
+from ..errors import PayloadTooLargeError
+from ..pages import paginate
+from ..types import APIKey, Page, PageQuery, StoredFile
 
-__all__ = ["MemoryKeyStore"]
+__all__ = ["MemoryFileStore", "MemoryKeyStore"]
 
 
 class MemoryKeyStore:
@@ -72,3 +75,76 @@ class MemoryKeyStore:
         self._by_id[key_id] = key
         self._id_by_hash[key_hash] = key_id
         return key
+
+
+class MemoryFileStore:
+    """A :class:`~ozwell_asgi.protocols.FileStore` in this process's memory: metadata in a dict, content as the
+    list of chunks it arrived in (never joined into one bytes object).
+
+    ``create`` stores nothing until the whole content has arrived, so a failed upload leaves nothing; other
+    methods are atomic (no suspension point). ``max_total_bytes`` (default 1 GiB) bounds what the store holds: an
+    upload that would pass it fails with :class:`~ozwell_asgi.errors.PayloadTooLargeError` and stores nothing.
+    """
+
+    def __init__(self, *, max_total_bytes: int = 1 << 30) -> None:
+        self.max_total_bytes = max_total_bytes
+        self._files: dict[str, StoredFile] = {}
+        self._content: dict[str, tuple[bytes, ...]] = {}
+        self._total = 0
+
+    async def create(self, file: StoredFile, content: AsyncIterable[bytes]) -> StoredFile:
+        if file.id in self._files:
+            raise ValueError(f"a file with id {file.id!r} already exists")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in content:
+            if chunk:
+                size += len(chunk)
+                if self._total + size > self.max_total_bytes:
+                    raise PayloadTooLargeError("The file store is full.", code="file_store_full")
+                chunks.append(bytes(chunk))
+        if file.id in self._files:  # created concurrently while this content arrived
+            raise ValueError(f"a file with id {file.id!r} already exists")
+        stored = dataclasses.replace(file, bytes=size)
+        self._files[file.id] = stored
+        self._content[file.id] = tuple(chunks)
+        self._total += size
+        return stored
+
+    async def get(self, owner: str, file_id: str) -> StoredFile | None:
+        file = self._files.get(file_id)
+        return file if file is not None and file.owner == owner else None
+
+    async def list(self, owner: str, query: PageQuery, purpose: str | None = None) -> Page[StoredFile]:
+        mine = sorted(
+            (f for f in self._files.values() if f.owner == owner and (purpose is None or f.purpose == purpose)),
+            key=lambda f: (f.created_at, f.id),
+        )
+        return paginate(mine, query, lambda f: f.id)
+
+    async def open(
+        self, owner: str, file_id: str, start: int = 0, end: int | None = None
+    ) -> AsyncIterator[bytes] | None:
+        if await self.get(owner, file_id) is None:
+            return None
+        return _slice(self._content[file_id], start, end)
+
+    async def delete(self, owner: str, file_id: str) -> bool:
+        if await self.get(owner, file_id) is None:
+            return False
+        self._total -= self._files.pop(file_id).bytes
+        del self._content[file_id]
+        return True
+
+
+async def _slice(chunks: tuple[bytes, ...], start: int, end: int | None) -> AsyncIterator[bytes]:
+    """The bytes ``[start, end)`` of content held as ``chunks``, chunk by chunk (views, no copy of the whole)."""
+    position = 0
+    for chunk in chunks:
+        size = len(chunk)
+        lo, hi = max(start - position, 0), size if end is None else min(end - position, size)
+        if lo < hi:
+            yield chunk if lo == 0 and hi == size else chunk[lo:hi]
+        position += size
+        if end is not None and position >= end:
+            return
