@@ -295,7 +295,7 @@ class S3ContentStore:
 
     ``put`` sends content of up to ``part_size`` bytes as one PUT; larger content as a multipart upload of
     ``part_size`` parts, at most ``max_concurrency`` in flight, so an upload holds about
-    ``part_size * (max_concurrency + 2)`` bytes whatever its size. If ``content`` raises, or the caller is
+    ``part_size * (max_concurrency + 1)`` bytes whatever its size. If ``content`` raises, or the caller is
     cancelled, the multipart upload is aborted and nothing remains under the key (a cancelled caller waits at most
     ``cleanup_timeout`` seconds for that; set a lifecycle rule that removes incomplete multipart uploads for what
     a crash or a longer outage leaves). ``get`` is one (ranged) GET,
