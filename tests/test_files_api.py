@@ -7,6 +7,7 @@ The tests that touch what a store keeps run over every FileStore adapter (the ``
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
@@ -144,6 +145,14 @@ class Pulled:
         for piece in self.pieces:
             self.pulled += 1
             yield piece
+
+
+def split_after_the_file(body: bytes) -> Pulled:
+    """``body`` in two messages, the second starting at the part after the file: the store is called (and given
+    the file's bytes) before the fields that follow the file have arrived."""
+    file_at = body.index(b'name="file"')
+    cut = body.index(f"\r\n--{BOUNDARY}".encode(), file_at)
+    return Pulled(body[:cut], body[cut:])
 
 
 async def asgi_post(app: Any, headers: list[tuple[bytes, bytes]], messages: list[Message]) -> tuple[int, bytes]:
@@ -299,7 +308,7 @@ async def test_the_order_of_the_parts_does_not_matter(world: World, order: str) 
         "file first": (file_part, purpose, seconds, anchor),
         "fields around the file": (purpose, anchor, file_part, seconds),
     }[order]
-    response = await upload(world.api, world.alice, form(*parts))
+    response = await upload(world.api, world.alice, split_after_the_file(form(*parts)))
     assert response.status_code == 200, response.text
     body = response.json()
     assert (body["purpose"], body["bytes"], body["filename"]) == ("batch", len(content), "data.jsonl")
@@ -325,7 +334,7 @@ async def test_the_order_of_the_parts_does_not_matter(world: World, order: str) 
 async def test_a_bad_field_after_the_file_leaves_nothing(
     world: World, parts: tuple[Part, ...], param: str | None, code: str | None
 ) -> None:
-    response = await upload(world.api, world.alice, form(*parts))
+    response = await upload(world.api, world.alice, split_after_the_file(form(*parts)))
     assert response.status_code == 400, response.text
     error = envelope(response)
     if param is not None:
@@ -383,6 +392,27 @@ async def test_the_file_streams_to_the_store_in_bounded_pieces() -> None:
     assert all(size >= CHUNK_BYTES for size in sizes[:-1])
     assert max(sizes) < CHUNK_BYTES + 1000
     assert seen[0][1] < len(body.pieces) // 2  # the first piece was stored long before the body ended
+
+
+async def test_a_store_that_reads_the_fields_early_is_caught() -> None:
+    """FileStore.create must read a file's fields (beyond id and owner) once its content has ended: a store that
+    keeps them as they were when it was called would keep fields sent after the file wrong. Such an upload is
+    removed and answered 500; uploads whose fields all came first are unaffected."""
+
+    class EarlyReader(MemoryFileStore):
+        async def create(self, file: StoredFile, content: AsyncIterable[bytes]) -> StoredFile:
+            snapshot = dataclasses.replace(file)  # every field, read before the content
+            stored = await super().create(snapshot, content)
+            return dataclasses.replace(file, bytes=stored.bytes)
+
+    world = await memory_world(store=EarlyReader())
+    body = split_after_the_file(form(("file", "a.txt", b"abc"), ("purpose", "batch")))
+    late = await upload(world.api, world.alice, body)
+    assert late.status_code == 500
+    assert await world.stored() == []
+    early = await upload(world.api, world.alice, form(("purpose", "batch"), ("file", "a.txt", b"abc")))
+    assert early.status_code == 200
+    assert [f.purpose for f in await world.stored()] == ["batch"]
 
 
 # --- uploads: caps and bad input ----------------------------------------------------------------------------------
@@ -646,6 +676,10 @@ async def test_pages_follow_the_cursor_both_ways(world: World) -> None:
         assert ([f["id"] for f in ascending["data"]], ascending["has_more"]) == (everything[:3], True)
         assert (await page("after=file-unknown"))["data"] == []
         assert len((await page(""))["data"]) == 5
+        # Files uploaded while a listing is paged (newest first) land before its cursor: later pages are unchanged.
+        await make_files(world, world.alice2, 3)
+        again = await page(f"limit=2&after={first['last_id']}")
+        assert [f["id"] for f in again["data"]] == everything[::-1][2:4]
 
 
 async def test_the_purpose_filter(world: World) -> None:

@@ -14,10 +14,12 @@ A file past its ``expires_at`` is gone: it is deleted when a request meets it, a
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
+from typing import NoReturn
 
 import anyio
 import anyio.lowlevel
@@ -44,6 +46,8 @@ from ..wire.files import (
 
 __all__ = ["create_file", "delete_file", "download_file", "list_files", "retrieve_file"]
 
+log = logging.getLogger("ozwell_asgi")
+
 MAX_FILE_ID_LENGTH = 256  # longer ids are unknown without asking the store
 MAX_EXPIRED_SWEEPS = 4  # pages re-read per list request after deleting expired files found on them
 
@@ -58,6 +62,12 @@ async def _caller(services: Services, request: Request) -> tuple[Principal, File
     if store is None:  # pragma: no cover - the routes exist only with a file store
         raise InternalServerError("No file store is configured.")
     return principal, store, headers
+
+
+def _new_file_id() -> str:
+    """Unique, not secret, and in creation order: microseconds since the epoch, then 72 random bits. Files of the
+    same second (``created_at``) then list in the order they were made."""
+    return f"file-{time.time_ns() // 1000:014x}{random.getrandbits(72):018x}"
 
 
 def _not_found(file_id: str) -> NotFoundError:
@@ -102,12 +112,14 @@ async def create_file(services: Services, request: Request) -> JSONResponse:
     if part is None:
         raise InvalidRequestError("Missing required parameter: 'file'.", param="file", code=CODE_MISSING)
     created_at = int(time.time())
+    given = (early.purpose or "", early.expires_at(created_at))  # what is known when the store is called
     pending = StoredFile(
-        id=f"file-{random.getrandbits(128):032x}",  # unique, not secret
+        id=_new_file_id(),
         owner=principal.owner,
         filename=sanitize_filename(part.filename),
-        purpose=early.purpose or "",
+        purpose=given[0],
         created_at=created_at,
+        expires_at=given[1],
         content_type=media_type(part.content_type),
     )
     finished = False
@@ -122,10 +134,20 @@ async def create_file(services: Services, request: Request) -> JSONResponse:
         finished = True
 
     stored = await store.create(pending, content())
-    if not finished:  # a store that returned before reading the whole content: do not keep a partial file
-        await store.delete(principal.owner, stored.id)
-        raise InternalServerError("The file store did not read the whole upload.")
+    if not finished:  # a store that returned before reading the whole content: keep no partial file
+        await _discard(store, stored, "the file store returned before reading the whole upload")
+    if (pending.purpose, pending.expires_at) != given:  # fields came after the file: check they were stored
+        kept = await store.get(principal.owner, stored.id)
+        if kept is None or (kept.purpose, kept.expires_at) != (pending.purpose, pending.expires_at):
+            await _discard(store, stored, "the file store kept the upload's fields as they were before its content")
     return JSONResponse(file_object(stored), headers=headers)
+
+
+async def _discard(store: FileStore, file: StoredFile, why: str) -> NoReturn:
+    """Remove an upload a store did not keep as the FileStore protocol asks, and fail loudly (500)."""
+    await store.delete(file.owner, file.id)
+    log.error("upload %s discarded: %s (see FileStore.create)", file.id, why)
+    raise InternalServerError("The file store failed to keep the upload.")
 
 
 async def list_files(services: Services, request: Request) -> JSONResponse:
