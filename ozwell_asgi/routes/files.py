@@ -199,7 +199,7 @@ async def download_file(services: Services, request: Request) -> ContentResponse
     span = _byte_range(wanted, size) if wanted is not None else None
     start, end = span if span is not None else (0, size)
     headers = [
-        (b"content-type", file.content_type.encode("latin-1")),
+        (b"content-type", media_type(file.content_type).encode()),  # whatever a host's store returns
         (b"content-length", str(end - start).encode()),
         (b"content-disposition", content_disposition(file.filename)),
         (b"accept-ranges", b"bytes"),
