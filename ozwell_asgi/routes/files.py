@@ -5,9 +5,10 @@ the caller's owner's files: another owner's id is answered exactly as an unknown
 An upload is all or nothing. Its fields may come before or after the file part (the Python SDK sends ``purpose``
 first, the Node SDK and ``curl`` examples send fields after the file), so the file's bytes go to
 :meth:`FileStore.create` as they arrive while the rest of the body is still to come: the content iterator given to
-the store reads the body to its end and checks the whole form before it ends, and the metadata it completes is read
-by the store only then (the protocol's guarantee). A bad or missing field after the file, a file over the size cap,
-bad multipart or a client gone mid-body makes that iterator raise, and the store keeps nothing.
+the store reads the body to its end and checks the whole form before it ends, completing the file's metadata then,
+which the store keeps as it stands at that point (the protocol's guarantee; a store that does not is caught: the
+upload is removed, 500). A bad or missing field after the file, a file over the size cap, bad multipart or a client
+gone mid-body makes that iterator raise, and the store keeps nothing.
 
 A file past its ``expires_at`` is gone: it is deleted when a request meets it, and answered as unknown.
 """
@@ -91,9 +92,9 @@ async def _visible_file(store: FileStore, principal: Principal, file_id: str) ->
 
 
 def _complete(file: StoredFile, purpose: str, expires_at: int | None) -> None:
-    # The file's fields that may follow its bytes in the body are filled in once the body has ended, before the
-    # store reads them (FileStore.create reads ``file`` only once its content is exhausted). The object was made for
-    # this one call and nothing else holds it.
+    # The file's fields that may follow its bytes in the body are filled in once the body has ended, as the last step
+    # of its content (FileStore.create keeps ``file`` as it stands once its content is exhausted). The object was made
+    # for this one call and nothing else holds it.
     object.__setattr__(file, "purpose", purpose)
     object.__setattr__(file, "expires_at", expires_at)
 
