@@ -15,7 +15,7 @@ import random
 import re
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -29,11 +29,12 @@ from .backends import capabilities
 from .backends.echo import EchoBackend
 from .context import Services, Settings
 from .errors import MethodNotAllowedError, NotFoundError, OzwellError, internal_error
-from .protocols import ChatBackend, EmbeddingBackend, KeyStore, RateLimiter
+from .protocols import ChatBackend, EmbeddingBackend, FileStore, KeyStore, RateLimiter
 from .ratelimit import DEFAULT_PLANS, LimitsRateLimiter, Plan
 from .responses import error_response
-from .routes import ROUTES, Handler
+from .routes import ROUTES, Handler, RouteRow
 from .stores.cache import CachedKeyStore
+from .stores.memory import MemoryFileStore
 from .stores.urls import key_store_from_url
 from .tokens import Tokenizer, default_tokenizer
 from .types import Receive, Scope, Send
@@ -59,20 +60,38 @@ class _Endpoint:
 
 class _RouteTable:
     """Finds the endpoint for a path and method: a dict lookup for fixed paths, compiled patterns (Starlette's
-    path syntax and convertors) for the rest. Built once from ``ROUTES``; HEAD is allowed wherever GET is."""
+    path syntax and convertors) for the rest. Built once from route rows, merged per path (so a 405 lists every
+    allowed method); HEAD is allowed wherever GET is.
 
-    def __init__(self, routes: list[tuple[str, tuple[str, ...], _Endpoint]]) -> None:
+    A second row for a path and method already taken, or a pattern that matches exactly the paths another one
+    does under other parameter names, is a ``ValueError`` at construction: no row is ever silently unreachable.
+    """
+
+    def __init__(self, rows: Iterable[tuple[RouteRow, _Endpoint]]) -> None:
         self.fixed: dict[str, dict[str, _Endpoint]] = {}
         self.patterns: list[tuple[re.Pattern[str], dict[str, Convertor[Any]], dict[str, _Endpoint]]] = []
-        for path, methods, endpoint in routes:
-            by_method = {m: endpoint for m in methods}
-            if "GET" in by_method:
-                by_method.setdefault("HEAD", endpoint)
-            if "{" in path:
-                regex, _, convertors = compile_path(path)
-                self.patterns.append((regex, convertors, by_method))
+        by_shape: dict[str, tuple[str, dict[str, _Endpoint]]] = {}
+        for row, endpoint in rows:
+            shape = _PARAM.sub(lambda m: "{" + (m.group(2) or ":str") + "}", row.path)
+            taken = by_shape.get(shape)
+            if taken is None:
+                by_method: dict[str, _Endpoint] = {}
+                by_shape[shape] = (row.path, by_method)
+                if "{" in row.path:
+                    regex, _, convertors = compile_path(row.path)
+                    self.patterns.append((regex, convertors, by_method))
+                else:
+                    self.fixed[row.path] = by_method
             else:
-                self.fixed[path] = by_method
+                path, by_method = taken
+                if path != row.path:
+                    raise ValueError(f"routes {path!r} and {row.path!r} match the same paths under other names")
+            if row.method in by_method:
+                raise ValueError(f"two routes for {row.method} {row.path}")
+            by_method[row.method] = endpoint
+        for _, by_method in by_shape.values():
+            if "GET" in by_method:
+                by_method.setdefault("HEAD", by_method["GET"])
 
     def find(self, path: str, method: str) -> tuple[_Endpoint | None, dict[str, Any], tuple[str, ...]]:
         """(endpoint, path params, allowed methods): endpoint is None when the path is unknown (no methods) or
@@ -90,6 +109,9 @@ class _RouteTable:
                 return None, params, ()
         endpoint = by_method.get(method)
         return endpoint, params, () if endpoint is not None else tuple(by_method)
+
+
+_PARAM = re.compile(r"{([^}:]+)(:[^}]+)?}")
 
 
 def _new_request_id() -> bytes:
@@ -135,6 +157,9 @@ class OzwellAPI:
     ``secret`` keys the HMAC under which API keys are stored; it is required for a persistent key store (a random
     one is made for ``memory://``). ``key_cache_ttl`` bounds how long another process may still accept a key
     revoked elsewhere (0 disables the cache). Adapters built here from URLs are closed by :meth:`aclose`.
+
+    ``file_store`` keeps the files of ``/files`` (any :class:`~ozwell_asgi.protocols.FileStore`); by default a
+    :class:`~ozwell_asgi.stores.memory.MemoryFileStore` (this process's memory, 1 GiB in all).
     """
 
     def __init__(
@@ -149,6 +174,7 @@ class OzwellAPI:
         on_limiter_error: str = "closed",
         settings: Settings | None = None,
         tokenizer: Tokenizer | None = None,
+        file_store: FileStore | None = None,
     ) -> None:
         if on_limiter_error not in ("closed", "open"):
             raise ValueError("on_limiter_error must be 'closed' or 'open'")
@@ -193,14 +219,17 @@ class OzwellAPI:
             tokenizer=self.tokenizer,
             settings=settings,
             plans=plans,
+            files=file_store if file_store is not None else MemoryFileStore(),
         )
-        has = {"chat": served.chat is not None, "embeddings": served.embeddings is not None}
+        has = {
+            "chat": served.chat is not None,
+            "embeddings": served.embeddings is not None,
+            "files": self.services.files is not None,
+        }
         self.routes = _RouteTable(
-            [
-                (path, methods, _Endpoint(handler, self.services))
-                for path, methods, handler, capability in ROUTES
-                if capability is None or has[capability]
-            ]
+            (row, _Endpoint(row.handler, self.services))
+            for row in ROUTES
+            if row.capability is None or has[row.capability]
         )
         self._started = False
 

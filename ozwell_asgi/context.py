@@ -13,7 +13,7 @@ from .auth import Authenticator, KeyManager, model_allowed, require_scope
 from .bodies import header, read_json_body
 from .errors import NotFoundError, PermissionDeniedError
 from .meter import Meter
-from .protocols import ChatBackend, CompletesChat, EmbeddingBackend, ModelCatalog, RateLimiter
+from .protocols import ChatBackend, CompletesChat, EmbeddingBackend, FileStore, ModelCatalog, RateLimiter
 from .ratelimit import Plan, rate_limit_header_bytes
 from .tokens import Tokenizer
 from .types import Call, ModelInfo, Principal
@@ -44,6 +44,8 @@ class Settings:
     admitted request does not stall every other client on the event loop.
     ``max_model_patterns``: most model ids or globs a key's ``models`` may list (256), checked when a key is made.
     ``max_model_pattern_length``: longest model id or glob in a key's ``models``, in characters (256).
+    ``max_file_size``: largest file ``POST /files`` accepts (bytes; 512 MiB, OpenAI's), else 413 as soon as the
+    upload passes it (a larger ``Content-Length`` is refused before reading).
     """
 
     max_body_size: int = 32 * 1024 * 1024
@@ -57,6 +59,7 @@ class Settings:
     stream_keepalive: float = 15.0
     max_model_patterns: int = 256
     max_model_pattern_length: int = 256
+    max_file_size: int = 512 * 1024 * 1024
 
     def __post_init__(self) -> None:
         for name in (
@@ -67,6 +70,7 @@ class Settings:
             "max_choices",
             "max_model_patterns",
             "max_model_pattern_length",
+            "max_file_size",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"Settings.{name} must be >= 1")
@@ -90,6 +94,7 @@ class Services:
     tokenizer: Tokenizer
     settings: Settings
     plans: Mapping[str, Plan]
+    files: FileStore | None = None  # the owner-scoped file store; None: no /files routes
 
     async def authenticate(self, request: Request, scope: str, *alternatives: str) -> Principal:
         """The caller, who must hold ``scope`` (or one of ``alternatives``); raises 401/403 in the envelope."""

@@ -149,7 +149,11 @@ class FileStore(Protocol):
     """
 
     async def create(self, file: StoredFile, content: AsyncIterable[bytes]) -> StoredFile:
-        """Store ``file`` and its ``content``; the stored file (``bytes`` set to the content's size)."""
+        """Store ``file`` and its ``content``; the stored file (``bytes`` set to the content's size).
+
+        ``file`` is kept as it stands once ``content`` is exhausted: an upload's form fields (``purpose``,
+        ``expires_at``) may follow its bytes, and the route fills them in on the same object when the body ends.
+        Write the metadata last (or write it again then); only ``id`` and ``owner`` are final from the start."""
         ...
 
     async def get(self, owner: str, file_id: str) -> StoredFile | None: ...

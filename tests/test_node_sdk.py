@@ -35,6 +35,12 @@ EXPECTED_CHECKS = [
     "streamed tool call arguments",
     "embeddings.create",
     "x-request-id via withResponse/asResponse",
+    "files.create",
+    "files.create streamed, fields after the file",
+    "files.list auto-pagination",
+    "files.retrieve",
+    "files.content",
+    "files.delete",
 ]
 
 
@@ -68,7 +74,7 @@ def _node_with_sdk() -> str:
 
 def _make_key(api: OzwellAPI) -> str:
     async def create() -> str:
-        return (await api.keys.create(name="node-sdk", owner="o"))[1]
+        return (await api.keys.create(name="node-sdk", owner="o", rpm=1000))[1]
 
     return anyio.run(create)
 
@@ -102,3 +108,8 @@ def test_openai_node_sdk() -> None:
     assert checks["streamed tool call arguments"]["arguments"] == {"city": "Lyon"}
     assert checks["embeddings.create"]["dimensions"] == 8
     assert checks["x-request-id via withResponse/asResponse"]["request_id"].startswith("req_")
+    assert checks["files.create"]["purpose"] == "fine-tune"
+    assert checks["files.create streamed, fields after the file"] == {"bytes": 300_000, "expires_in": 3600}
+    assert checks["files.list auto-pagination"]["listed"] == 5
+    assert checks["files.content"]["bytes"] == checks["files.create"]["bytes"]
+    assert checks["files.delete"] == {"status": 404, "code": "file_not_found"}

@@ -4,7 +4,10 @@
 //
 // Prints a JSON summary on stdout and exits 0; on the first failed check, prints what failed on stderr and exits 1.
 import assert from 'node:assert/strict';
-import OpenAI from 'openai';
+import fs from 'node:fs';
+import os from 'node:os';
+import path from 'node:path';
+import OpenAI, { toFile } from 'openai';
 import { VERSION } from 'openai/version';
 
 const baseURL = process.env.OZWELL_BASE_URL;
@@ -223,6 +226,93 @@ await check('x-request-id via withResponse/asResponse', async () => {
   assert.equal(raw.status, 200);
   assert.ok(raw.headers.get('x-request-id')?.startsWith('req_'));
   return { request_id: header };
+});
+
+// Files: the SDK puts the file part first and the fields after it (its body's key order).
+const fileText = '{"prompt": "node"}\n'.repeat(2000);
+let nodeFileId;
+
+await check('files.create', async () => {
+  const file = await client.files.create({
+    file: await toFile(Buffer.from(fileText), 'node.jsonl', { type: 'application/jsonl' }),
+    purpose: 'fine-tune',
+  });
+  assert.equal(file.object, 'file');
+  assert.ok(file.id.startsWith('file-'), file.id);
+  assert.equal(file.bytes, Buffer.byteLength(fileText));
+  assert.equal(file.filename, 'node.jsonl');
+  assert.equal(file.purpose, 'fine-tune');
+  assert.equal(typeof file.created_at, 'number');
+  nodeFileId = file.id;
+  return { id: file.id, bytes: file.bytes, purpose: file.purpose };
+});
+
+await check('files.create streamed, fields after the file', async () => {
+  const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'ozwell-sdk-'));
+  const where = path.join(dir, 'streamed.txt');
+  fs.writeFileSync(where, 'x'.repeat(300_000));
+  try {
+    const file = await client.files.create({
+      file: fs.createReadStream(where),
+      purpose: 'batch',
+      expires_after: { anchor: 'created_at', seconds: 3600 },
+    });
+    assert.equal(file.bytes, 300_000);
+    assert.equal(file.filename, 'streamed.txt');
+    assert.equal(file.purpose, 'batch');
+    assert.equal(file.expires_at, file.created_at + 3600);
+    return { bytes: file.bytes, expires_in: file.expires_at - file.created_at };
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+await check('files.list auto-pagination', async () => {
+  for (let i = 0; i < 3; i++) {
+    await client.files.create({ file: await toFile(Buffer.from(`file ${i}`), `${i}.txt`), purpose: 'user_data' });
+  }
+  const ids = [];
+  for await (const file of client.files.list({ limit: 2 })) ids.push(file.id);
+  assert.equal(ids.length, 5, `listed ${JSON.stringify(ids)}`);
+  assert.equal(new Set(ids).size, 5);
+  assert.ok(ids.includes(nodeFileId));
+  const page = await client.files.list({ limit: 2 });
+  assert.equal(page.data.length, 2);
+  assert.equal(page.has_more, true);
+  const tuned = [];
+  for await (const file of client.files.list({ purpose: 'fine-tune' })) tuned.push(file.id);
+  assert.deepEqual(tuned, [nodeFileId]);
+  return { listed: ids.length };
+});
+
+await check('files.retrieve', async () => {
+  const file = await client.files.retrieve(nodeFileId);
+  assert.equal(file.id, nodeFileId);
+  assert.equal(file.filename, 'node.jsonl');
+  return { id: file.id };
+});
+
+await check('files.content', async () => {
+  const response = await client.files.content(nodeFileId);
+  assert.equal(response.status, 200);
+  assert.equal(response.headers.get('content-type'), 'application/jsonl');
+  assert.match(response.headers.get('content-disposition'), /^attachment; filename="node.jsonl"/);
+  const text = await response.text();
+  assert.equal(text, fileText);
+  return { bytes: Buffer.byteLength(text) };
+});
+
+await check('files.delete', async () => {
+  const deleted = await client.files.delete(nodeFileId);
+  assert.deepEqual({ id: deleted.id, object: deleted.object, deleted: deleted.deleted }, {
+    id: nodeFileId,
+    object: 'file',
+    deleted: true,
+  });
+  const err = await rejection(client.files.retrieve(nodeFileId));
+  assert.ok(err instanceof OpenAI.NotFoundError, `expected OpenAI.NotFoundError, got ${err?.constructor?.name}: ${err}`);
+  assert.equal(err.code, 'file_not_found');
+  return { status: err.status, code: err.code };
 });
 
 summary.ok = true;
