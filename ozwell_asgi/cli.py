@@ -21,13 +21,16 @@ id or an unreachable store); secrets go to stdout only, alone on the last line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
 import json
 import os
 import secrets
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -40,7 +43,7 @@ from .auth import KeyHasher, KeyManager, parse_duration
 from .errors import InvalidRequestError, OzwellError
 from .protocols import KeyStore
 from .ratelimit import DEFAULT_PLANS, LimitsRateLimiter, quota_for
-from .stores.urls import key_store_from_url
+from .stores.urls import create_private_sqlite_file, key_store_from_url
 from .types import DEFAULT_SCOPES, APIKey, Receive, Scope, Send
 
 __all__ = ["ServeConfig", "app_from_env", "build_app", "main", "resolve_secret"]
@@ -147,6 +150,13 @@ def _create_secret_file(path: Path) -> bool:
         raise CLIError(f"cannot create the secret file {path}: {exc.strerror or exc}") from exc
 
 
+def _secret_path(secret_file: str | None) -> Path | None:
+    """The file the secret is read from, or ``None`` when it is ``OZWELL_SECRET``'s value (see resolve_secret)."""
+    if os.environ.get(ENV_SECRET) and not secret_file:  # an explicit --secret-file wins, like every other flag
+        return None
+    return Path(secret_file or _env(ENV_SECRET_FILE) or DEFAULT_SECRET_FILE)
+
+
 def resolve_secret(secret_file: str | None = None, *, create: bool) -> str:
     """The key-hashing secret: ``--secret-file`` if given, else ``OZWELL_SECRET`` if set, else a secret file's.
 
@@ -154,10 +164,9 @@ def resolve_secret(secret_file: str | None = None, *, create: bool) -> str:
     ``create`` is true, a new one is made (32 random bytes as hex, mode 0600) and a note goes to stderr; otherwise
     that is an error. Raises :class:`CLIError`.
     """
-    env_secret = os.environ.get(ENV_SECRET)
-    if env_secret and not secret_file:  # an explicit --secret-file wins, like every other flag
-        return _secret_from_text(env_secret, ENV_SECRET)
-    path = Path(secret_file or _env(ENV_SECRET_FILE) or DEFAULT_SECRET_FILE)
+    path = _secret_path(secret_file)
+    if path is None:
+        return _secret_from_text(os.environ[ENV_SECRET], ENV_SECRET)
     if not path.exists():
         if not create:
             raise CLIError(f"the secret file {path} does not exist and {ENV_SECRET} is not set")
@@ -194,8 +203,12 @@ def _store_failure(exc: BaseException) -> CLIError:
 
 
 def _run_with_store(url: str, work: Callable[[KeyStore], Awaitable[T]]) -> T:
-    """Run ``work(store)`` on a new event loop, bounded in time; the store is closed afterwards."""
+    """Run ``work(store)`` on a new event loop, bounded in time; the store is closed afterwards.
+
+    A SQLite file that does not exist yet is created first, with mode 0600 (see create_private_sqlite_file).
+    """
     store = _open_store(url)
+    create_private_sqlite_file(url)
 
     async def run() -> T:
         try:
@@ -413,7 +426,10 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ServeConfig:
-    """Everything a server process needs to build the same app as every other worker."""
+    """Everything a server process needs to build the same app as every other worker.
+
+    ``secret_file`` is the absolute path of a file holding ``secret``: workers are told where it is, never what it is.
+    """
 
     store_url: str
     limiter_url: str
@@ -421,12 +437,16 @@ class ServeConfig:
     key_cache_ttl: float = DEFAULT_KEY_CACHE_TTL
     on_limiter_error: str = "closed"
     limiter_namespace: str = DEFAULT_LIMITER_NAMESPACE
+    secret_file: str | None = None
 
     def to_env(self) -> dict[str, str]:
+        """The ``OZWELL_*`` variables :func:`app_from_env` builds this config from; the secret by its file's path."""
+        if self.secret_file is None:
+            raise ValueError("the secret reaches workers only as a file: set secret_file")
         return {
             ENV_STORE_URL: self.store_url,
             ENV_LIMITER_URL: self.limiter_url,
-            ENV_SECRET: self.secret,
+            ENV_SECRET_FILE: self.secret_file,
             ENV_KEY_CACHE_TTL: repr(self.key_cache_ttl),
             ENV_ON_LIMITER_ERROR: self.on_limiter_error,
             ENV_LIMITER_NAMESPACE: self.limiter_namespace,
@@ -492,12 +512,13 @@ def _float_from_env(name: str, default: float) -> float:
 def app_from_env() -> PrefixedApp:
     """uvicorn factory (``ozwell_asgi.cli:app_from_env``): the app configured by ``OZWELL_*`` variables.
 
-    ``serve --workers N`` sets them for its workers; each worker reads them once, at startup.
+    ``serve --workers N`` sets them for its workers; each worker reads them once, at startup. The secret must
+    exist already (a worker never makes one of its own, which would not match the keys of the others).
     """
     config = ServeConfig(
         store_url=_env(ENV_STORE_URL) or DEFAULT_STORE_URL,
         limiter_url=_env(ENV_LIMITER_URL) or DEFAULT_LIMITER_URL,
-        secret=resolve_secret(None, create=True),
+        secret=resolve_secret(None, create=False),
         key_cache_ttl=_float_from_env(ENV_KEY_CACHE_TTL, DEFAULT_KEY_CACHE_TTL),
         on_limiter_error=_env(ENV_ON_LIMITER_ERROR) or "closed",
         limiter_namespace=_env(ENV_LIMITER_NAMESPACE) or DEFAULT_LIMITER_NAMESPACE,
@@ -512,6 +533,19 @@ def _check_store(url: str) -> None:
         await store.get("key_preflight")
 
     _run_with_store(url, work)
+
+
+def _secret_file_for_workers(secret_file: str | None, secret: str, cleanup: contextlib.ExitStack) -> str:
+    """The absolute path of a file holding ``secret``, for workers to read: the secret file itself, or, when the
+    secret came from ``OZWELL_SECRET``, a new private one (mode 0600 in a 0700 directory) removed by ``cleanup``."""
+    path = _secret_path(secret_file)
+    if path is not None:
+        return str(path.resolve())
+    directory = Path(tempfile.mkdtemp(prefix="ozwell-serve-"))
+    cleanup.callback(shutil.rmtree, directory, ignore_errors=True)
+    private = directory / "secret"
+    _write_new_file(private, (secret + "\n").encode())
+    return str(private)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -557,8 +591,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 "limits, so a key gets up to N times its budget; use --limiter redis://... for shared limits",
                 file=sys.stderr,
             )
-        os.environ.update(config.to_env())
-        uvicorn.run("ozwell_asgi.cli:app_from_env", factory=True, workers=args.workers, **common)
+        with contextlib.ExitStack() as cleanup:
+            secret_file = _secret_file_for_workers(args.secret_file, config.secret, cleanup)
+            os.environ.pop(ENV_SECRET, None)  # workers inherit this environment: the secret stays out of it
+            os.environ.update(dataclasses.replace(config, secret_file=secret_file).to_env())
+            uvicorn.run("ozwell_asgi.cli:app_from_env", factory=True, workers=args.workers, **common)
     else:
         uvicorn.run(build_app(config), **common)
     return 0
