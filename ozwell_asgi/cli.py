@@ -2,6 +2,8 @@
 
     ozwell-asgi serve [--host H] [--port P] [--store URL] [--limiter URL] [--limiter-namespace NS] [--workers N]
                       [--key-cache-ttl SECONDS] [--on-limiter-error closed|open] [--secret-file PATH] [--log-level L]
+                      [--limit-concurrency N] [--timeout-headers SECONDS] [--max-header-size N]
+                      [--timeout-keep-alive SECONDS] [--backlog N] [--timeout-graceful-shutdown SECONDS]
     ozwell-asgi keys create --name NAME [--owner O] [--plan P] [--rpm N] [--tpm N] [--models a,b] [--scopes api,admin]
                             [--expires-in 30d] [--store URL] [--secret-file PATH]
     ozwell-asgi keys list [--owner O] [--json] [--store URL]
@@ -26,6 +28,7 @@ import dataclasses
 import datetime
 import gc
 import json
+import math
 import os
 import secrets
 import shutil
@@ -46,7 +49,7 @@ from .ratelimit import DEFAULT_PLANS, LimitsRateLimiter, quota_for
 from .stores.urls import create_private_sqlite_file, key_store_from_url
 from .types import DEFAULT_SCOPES, APIKey, Receive, Scope, Send
 
-__all__ = ["ServeConfig", "app_from_env", "build_app", "main", "resolve_secret"]
+__all__ = ["ConnectionLimits", "ServeConfig", "app_from_env", "build_app", "main", "resolve_secret"]
 
 PROG = "ozwell-asgi"
 DEFAULT_STORE_URL = "sqlite:///./ozwell.db"
@@ -64,6 +67,18 @@ ENV_SECRET = "OZWELL_SECRET"
 ENV_SECRET_FILE = "OZWELL_SECRET_FILE"
 ENV_KEY_CACHE_TTL = "OZWELL_KEY_CACHE_TTL"
 ENV_ON_LIMITER_ERROR = "OZWELL_ON_LIMITER_ERROR"
+# ConnectionLimits field -> (its environment variable, what it bounds); its flag is --field-name.
+CONNECTION_SETTINGS: dict[str, tuple[str, str]] = {
+    "limit_concurrency": ("OZWELL_LIMIT_CONCURRENCY", "requests in progress per worker before more get a 503; 0: none"),
+    "timeout_headers": (
+        "OZWELL_TIMEOUT_HEADERS",
+        "seconds a connection has to send a request's headers, from its accept or its previous response",
+    ),
+    "max_header_size": ("OZWELL_MAX_HEADER_SIZE", "bytes of one request's headers; more is answered 431"),
+    "timeout_keep_alive": ("OZWELL_TIMEOUT_KEEP_ALIVE", "seconds an idle connection is kept open"),
+    "backlog": ("OZWELL_BACKLOG", "connections the kernel queues before they are accepted"),
+    "timeout_graceful_shutdown": ("OZWELL_TIMEOUT_GRACEFUL_SHUTDOWN", "seconds requests in progress get on shutdown"),
+}
 
 T = TypeVar("T")
 
@@ -453,6 +468,77 @@ class ServeConfig:
         }
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """How ``serve`` bounds its connections, per worker (flags and variables in :data:`CONNECTION_SETTINGS`).
+
+    ``limit_concurrency``: requests in progress before more are answered 503 (0: no limit); ``timeout_headers``:
+    seconds a connection may take to send a request's headers while none of its requests is being answered;
+    ``max_header_size``: bytes of one request's headers (431 beyond); ``timeout_keep_alive``: seconds an idle
+    connection is kept; ``backlog``: connections the kernel queues before they are accepted;
+    ``timeout_graceful_shutdown``: seconds requests in progress are given on shutdown.
+    """
+
+    limit_concurrency: int = 1000
+    timeout_headers: float = 10.0
+    max_header_size: int = 32768
+    timeout_keep_alive: float = 5.0
+    backlog: int = 2048
+    timeout_graceful_shutdown: float = 10.0
+
+    def __post_init__(self) -> None:
+        rules = (
+            ("limit_concurrency", self.limit_concurrency >= 0, ">= 0"),
+            ("timeout_headers", 0 < self.timeout_headers < math.inf, "a number of seconds > 0"),
+            ("max_header_size", self.max_header_size >= 1024, ">= 1024"),
+            ("timeout_keep_alive", 0 <= self.timeout_keep_alive < math.inf, "a number of seconds >= 0"),
+            ("backlog", self.backlog >= 1, ">= 1"),
+            ("timeout_graceful_shutdown", 0 <= self.timeout_graceful_shutdown < math.inf, "a number of seconds >= 0"),
+        )
+        for name, holds, rule in rules:
+            if not holds:
+                raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)}")
+
+    def uvicorn_options(self, http: str = "auto") -> dict[str, Any]:
+        """The keyword arguments of ``uvicorn.run``/``uvicorn.Config`` that apply these limits.
+
+        uvicorn's own ``limit_concurrency`` stays off: it counts idle and half-sent connections, which would let
+        a few stalled sockets turn every real request away; ours counts requests (see guarded_http).
+        """
+        from .guarded_http import guarded_protocol
+
+        return {
+            "http": guarded_protocol(
+                header_timeout=self.timeout_headers,
+                max_header_size=self.max_header_size,
+                limit_concurrency=self.limit_concurrency or None,
+                http=http,
+            ),
+            "h11_max_incomplete_event_size": self.max_header_size,
+            "ws": "none",
+            "limit_concurrency": None,
+            "backlog": self.backlog,
+            "timeout_keep_alive": self.timeout_keep_alive,
+            "timeout_graceful_shutdown": self.timeout_graceful_shutdown,
+        }
+
+
+def _raise_open_files_limit() -> int | None:
+    """Raise this process's soft limit on open files towards its hard limit (at most 65536; workers inherit it), so
+    that the bounds above, not descriptors, run out first. Returns the soft limit in force (None: unlimited)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 class _ServedApp(PrefixedApp):
     """:class:`PrefixedApp` that also closes the rate limiter it was given when the server shuts down."""
 
@@ -575,14 +661,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise _usage_error(f"--limiter: {exc}") from exc
     except ImportError as exc:
         raise CLIError(f"--limiter: a driver is missing ({exc.name or exc})") from exc
+    try:
+        limits = ConnectionLimits(**{name: getattr(args, name) for name in CONNECTION_SETTINGS})
+    except ValueError as exc:
+        raise _usage_error(str(exc)) from exc
     _check_store(store_url)
     config = dataclasses.replace(config, secret=resolve_secret(args.secret_file, create=True))
+    open_files = _raise_open_files_limit()
+    if open_files is not None and open_files < limits.limit_concurrency + 100:
+        print(
+            f"{PROG}: warning: this process may open only {open_files} files, too few for --limit-concurrency "
+            f"{limits.limit_concurrency}: descriptors can run out before it applies (raise the hard limit)",
+            file=sys.stderr,
+        )
     common: dict[str, Any] = {
         "host": args.host,
         "port": args.port,
         "log_level": args.log_level,
         "lifespan": "on",
-        "timeout_graceful_shutdown": 10,
+        **limits.uvicorn_options(),
     }
     if args.workers > 1:
         if limiter_url.strip().lower().startswith(("memory:", "async+memory:")):
@@ -623,6 +720,17 @@ def _seconds(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+
+
+def _env_number(name: str, default: float, *, integer: bool) -> float:
+    value = _env(name)
+    if value is None:
+        return default
+    try:
+        return int(value) if integer else float(value)
+    except ValueError:
+        kind = "an integer" if integer else "a number of seconds"
+        raise _usage_error(f"{name} must be {kind}, got {value!r}") from None
 
 
 def _env_float_default(name: str, default: float) -> float:
@@ -674,6 +782,16 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: ${ENV_ON_LIMITER_ERROR} or closed)",
     )
     serve.add_argument("--secret-file", metavar="PATH", help=secret_help)
+    for field in dataclasses.fields(ConnectionLimits):
+        env, meaning = CONNECTION_SETTINGS[field.name]
+        integer = field.type == "int"
+        serve.add_argument(
+            "--" + field.name.replace("_", "-"),
+            metavar="N" if integer else "SECONDS",
+            type=_integer if integer else _seconds,
+            default=None,
+            help=f"{meaning} (default: ${env} or {field.default:g})",
+        )
     serve.add_argument(
         "--log-level",
         default="info",
@@ -729,6 +847,12 @@ def main(argv: list[str] | None = None) -> int:
                 args.on_limiter_error = _env(ENV_ON_LIMITER_ERROR) or "closed"
                 if args.on_limiter_error not in ("closed", "open"):
                     raise _usage_error(f"{ENV_ON_LIMITER_ERROR} must be 'closed' or 'open'")
+            defaults = ConnectionLimits()
+            for field in dataclasses.fields(ConnectionLimits):
+                if getattr(args, field.name) is None:
+                    env = CONNECTION_SETTINGS[field.name][0]
+                    default = getattr(defaults, field.name)
+                    setattr(args, field.name, _env_number(env, default, integer=field.type == "int"))
         handler: Callable[[argparse.Namespace], int] = args.handler
         return handler(args)
     except SystemExit as exc:  # argparse (--help, bad arguments) and uvicorn's startup failures

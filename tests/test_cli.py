@@ -34,6 +34,12 @@ OZWELL_ENV = (
     "OZWELL_SECRET_FILE",
     "OZWELL_KEY_CACHE_TTL",
     "OZWELL_ON_LIMITER_ERROR",
+    "OZWELL_LIMIT_CONCURRENCY",
+    "OZWELL_TIMEOUT_HEADERS",
+    "OZWELL_MAX_HEADER_SIZE",
+    "OZWELL_TIMEOUT_KEEP_ALIVE",
+    "OZWELL_BACKLOG",
+    "OZWELL_TIMEOUT_GRACEFUL_SHUTDOWN",
 )
 
 
@@ -259,6 +265,14 @@ def test_unknown_or_revoked_ids(cli: CLI) -> None:
         (["serve", "--port", "http"], "--port"),
         (["serve", "--port", "70000"], "--port"),
         (["serve", "--key-cache-ttl", "-1"], "--key-cache-ttl"),
+        (["serve", "--limit-concurrency", "-1"], "--limit-concurrency"),
+        (["serve", "--limit-concurrency", "many"], "--limit-concurrency"),
+        (["serve", "--timeout-headers", "0"], "--timeout-headers"),
+        (["serve", "--timeout-headers", "soon"], "--timeout-headers"),
+        (["serve", "--max-header-size", "100"], "--max-header-size"),
+        (["serve", "--timeout-keep-alive", "-1"], "--timeout-keep-alive"),
+        (["serve", "--backlog", "0"], "--backlog"),
+        (["serve", "--timeout-graceful-shutdown", "-5"], "--timeout-graceful-shutdown"),
     ],
 )
 def test_bad_arguments_exit_non_zero_with_one_line(
