@@ -11,10 +11,11 @@
     ozwell-asgi keys rotate ID [--store URL] [--secret-file PATH]
 
 Settings come from flags, else the environment (``OZWELL_STORE_URL``, ``OZWELL_LIMITER_URL``,
-``OZWELL_LIMITER_NAMESPACE``, ``OZWELL_KEY_CACHE_TTL``, ``OZWELL_ON_LIMITER_ERROR``), else the defaults
-(``sqlite:///./ozwell.db``, ``memory://``). The key-hashing secret is ``OZWELL_SECRET`` (at least 16 bytes) if set,
-else the contents of the secret file (``--secret-file``, ``OZWELL_SECRET_FILE``, default ``./ozwell.secret``), which
-``serve`` and ``keys create`` create (32 random bytes, hex, mode 0600) when it does not exist.
+``OZWELL_LIMITER_NAMESPACE``, ``OZWELL_KEY_CACHE_TTL``, ``OZWELL_ON_LIMITER_ERROR``, and those of the connection
+limits in ``CONNECTION_SETTINGS``), else the defaults (``sqlite:///./ozwell.db``, ``memory://``). The key-hashing
+secret is ``OZWELL_SECRET`` (at least 16 bytes) if set, else the contents of the secret file (``--secret-file``,
+``OZWELL_SECRET_FILE``, default ``./ozwell.secret``), which ``serve`` and ``keys create`` create (32 random bytes,
+hex, mode 0600) when it does not exist.
 
 Errors are one line on stderr and a non-zero exit status (2 for bad arguments, 1 for failures such as an unknown key
 id or an unreachable store); secrets go to stdout only, alone on the last line.
