@@ -5,8 +5,9 @@ sends half a request line and stops is held as long as the client likes, and htt
 without limit. The protocols here add, per connection:
 
 - a header deadline: while no request of the connection is being answered (from the accept, or from the end of the
-  previous response), the next request's headers must be complete within ``header_timeout`` seconds, else the
-  connection is closed. This also bounds how long the unread rest of a body answered early is drained.
+  previous response), the next request's headers must be complete within ``header_timeout`` seconds (two, at
+  worst, after a response), else the connection is closed. This also bounds how long the unread rest of a body
+  answered early is drained.
 - a header size cap (httptools): a request whose headers pass ``max_header_size`` bytes is answered 431 and the
   connection closed; with h11, its own ``h11_max_incomplete_event_size`` (set to the same cap) answers 400.
 - a concurrency limit: a request whose headers complete while ``limit_concurrency`` requests of this process are
@@ -66,8 +67,16 @@ def _raw_response(error: OzwellError) -> bytes:
     return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + body
 
 
+_BUSY = object()  # what a deadline check sees while one of the connection's requests is being answered
+
+
 class _Guard(asyncio.Protocol):
-    """The bounds shared by both protocols; mixed in before uvicorn's class, whose state it reads."""
+    """The bounds shared by both protocols; mixed in before uvicorn's class, whose state it reads.
+
+    The header deadline costs nothing per request: one timer per connection checks, every ``header_timeout``,
+    whether the connection has stayed idle with the same last request since the previous check, and closes it if
+    so. A new connection is closed at the first check; one idle after a response, at the first or second.
+    """
 
     # uvicorn's protocol state this mixin reads
     transport: asyncio.Transport
@@ -82,12 +91,12 @@ class _Guard(asyncio.Protocol):
         self._header_timeout = header_timeout
         self._limit = limit_concurrency
         self._app = self.app
-        self._deadline_at = 0.0
+        self._seen: object = None  # at the last check: the idle connection's last request (None: none yet), or _BUSY
         self._timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._await_headers()
+        self._timer = self.loop.call_later(self._header_timeout, self._check_deadline)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._timer is not None:
@@ -95,35 +104,21 @@ class _Guard(asyncio.Protocol):
             self._timer = None
         super().connection_lost(exc)
 
-    def on_response_complete(self) -> None:
-        super().on_response_complete()  # type: ignore[misc]
-        if self._idle() and not self.transport.is_closing():
-            self._await_headers()
-
-    def _idle(self) -> bool:
-        """No request of this connection is being answered (none yet, or the last response is complete)."""
-        return self.cycle is None or bool(self.cycle.response_complete)
-
-    def _await_headers(self) -> None:
-        # One timer per connection, moved forward lazily: a busy keep-alive connection re-arms it about once per
-        # header_timeout instead of once per request.
-        self._deadline_at = self.loop.time() + self._header_timeout
-        if self._timer is None:
-            self._timer = self.loop.call_at(self._deadline_at, self._on_timer)
-
-    def _on_timer(self) -> None:
+    def _check_deadline(self) -> None:
         self._timer = None
-        if not self._idle() or self.transport.is_closing():
-            return  # a request is being answered: its response re-arms the deadline
-        if self.loop.time() < self._deadline_at:
-            self._timer = self.loop.call_at(self._deadline_at, self._on_timer)
-        else:
+        if self.transport.is_closing():
+            return
+        cycle = self.cycle
+        seen = cycle if cycle is None or cycle.response_complete else _BUSY
+        if seen is not _BUSY and seen is self._seen:
             self.transport.abort()  # nothing is owed to it; abort also frees a socket whose peer stopped reading
+            return
+        self._seen = seen
+        self._timer = self.loop.call_later(self._header_timeout, self._check_deadline)
 
     def _admit(self) -> None:
         """Give the request about to start our app, or the 503 when this process is at its limit."""
-        busy = self._limit is not None and len(self.tasks) >= self._limit
-        self.app = _overloaded if busy else self._app
+        self.app = _overloaded if self._limit is not None and len(self.tasks) >= self._limit else self._app
 
 
 class GuardedH11Protocol(_Guard, H11Protocol):
@@ -145,6 +140,8 @@ class GuardedH11Protocol(_Guard, H11Protocol):
 
 
 if HttpToolsProtocol is not None:
+    _data_received = HttpToolsProtocol.data_received  # called directly: these two run for every request
+    _on_headers_complete = HttpToolsProtocol.on_headers_complete
 
     class GuardedHttpToolsProtocol(_Guard, HttpToolsProtocol):
         """uvicorn's httptools protocol with the header deadline, the header size cap and the concurrency limit."""
@@ -160,41 +157,35 @@ if HttpToolsProtocol is not None:
             HttpToolsProtocol.__init__(self, *args, **kwargs)
             self._init_guard(header_timeout, limit_concurrency)
             self._max_header_size = max_header_size
-            self._in_headers = False  # a request has begun and its headers are incomplete
             self._header_bytes = 0
-            self._completed = False  # a request ended during the current read
 
         def data_received(self, data: bytes) -> None:
-            # A read is counted when it leaves a request's headers incomplete and ended no earlier request: all of
-            # it is then those headers. The count never exceeds their size and misses at most the read in which they
-            # began after another request ended, so the cap holds to within one read (<= 256 KiB, asyncio or uvloop).
-            self._completed = False
-            super().data_received(data)
-            if self._in_headers and not self._completed and not self.transport.is_closing():
+            # uvicorn makes a request's scope when the request begins and gives it its "method" once the headers
+            # are complete. A read is counted when it lay wholly within the headers still incomplete (same scope, or
+            # the connection's first read with no request in it yet); the read in which a later request began is
+            # not, so the count never exceeds the headers' size and the cap holds to within one read (<= 256 KiB).
+            before = self.scope
+            _data_received(self, data)
+            scope = self.scope
+            if scope is None or "method" in scope:
+                return
+            if scope is before:
                 self._header_bytes += len(data)
-                if self._header_bytes > self._max_header_size:
-                    error = OzwellError(
-                        HEADERS_TOO_LARGE_MESSAGE,
-                        status=431,
-                        type="invalid_request_error",
-                        code="request_header_fields_too_large",
-                    )
-                    self.transport.write(_raw_response(error))
-                    self.transport.close()
-
-        def on_message_begin(self) -> None:
-            self._in_headers = True
-            self._header_bytes = 0
-            super().on_message_begin()
+            else:
+                self._header_bytes = len(data) if before is None and self.cycle is None else 0
+            if self._header_bytes > self._max_header_size and not self.transport.is_closing():
+                self.transport.write(_raw_response(_headers_too_large()))
+                self.transport.close()
 
         def on_headers_complete(self) -> None:
-            self._in_headers = False
-            self._admit()
-            super().on_headers_complete()
+            self.app = _overloaded if self._limit is not None and len(self.tasks) >= self._limit else self._app
+            _on_headers_complete(self)
 
-        def on_message_complete(self) -> None:
-            self._completed = True
-            super().on_message_complete()
+
+def _headers_too_large() -> OzwellError:
+    return OzwellError(
+        HEADERS_TOO_LARGE_MESSAGE, status=431, type="invalid_request_error", code="request_header_fields_too_large"
+    )
 
 
 def guarded_protocol(

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import select
 import socket
 import stat
 import sys
@@ -263,23 +264,45 @@ def test_request_headers_are_capped(http: str) -> None:
         sock = connect(port)
         sock.sendall(request_bytes("GET", "/v1/models", key, x_padding="p" * 6000))
         assert read_response(sock)[0] == 200  # under the cap
-        big = connect(port)
-        big.sendall(b"GET /v1/models HTTP/1.1\r\nHost: test\r\nX-Padding: " + b"p" * 20000)  # never ends
-        answer = b""
-        try:
-            while chunk := big.recv(65536):
-                answer += chunk
-        except ConnectionResetError:
-            pass
-        if http == "httptools":
-            status_line, _, rest = answer.partition(b"\r\n")
-            assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large"
-            head, _, body = rest.partition(b"\r\n\r\n")
-            assert b"x-request-id: req_" in head
-            assert b"connection: close" in head
-            assert_envelope(body, 431, "request_header_fields_too_large")
-        else:  # h11 enforces the same cap itself (h11_max_incomplete_event_size), with uvicorn's own answer
-            assert answer.startswith(b"HTTP/1.1 400 ")
+        first = connect(port)  # over it in the connection's first read
+        first.sendall(b"GET /v1/models HTTP/1.1\r\nHost: test\r\nX-Padding: " + b"p" * 20000)  # never ends
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: test\r\nX-Padding: ")  # and in a kept-alive connection's
+        for _ in range(40):  # later reads, until answered
+            if select.select([sock], [], [], 0.05)[0]:
+                break
+            sock.sendall(b"p" * 3000)
+        for answer in (read_all(first), read_all(sock)):
+            assert_headers_too_large(answer, http)
+        # a body larger than the cap, read together with the start of the next request, is no header
+        pipelined = connect(port)
+        body = json.dumps({"model": "echo", "messages": [{"role": "user", "content": "b" * 20000}]}).encode()
+        second = request_bytes("GET", "/v1/models", key)
+        pipelined.sendall(request_bytes("POST", "/v1/chat/completions", key, body) + second[:20])
+        time.sleep(0.1)
+        pipelined.sendall(second[20:])
+        assert [read_response(pipelined)[0] for _ in range(2)] == [200, 200]
+
+
+def read_all(sock: socket.socket) -> bytes:
+    answer = _unread.pop(sock, b"")
+    try:
+        while chunk := sock.recv(65536):
+            answer += chunk
+    except ConnectionResetError:
+        pass
+    return answer
+
+
+def assert_headers_too_large(answer: bytes, http: str) -> None:
+    if http == "httptools":
+        status_line, _, rest = answer.partition(b"\r\n")
+        assert status_line == b"HTTP/1.1 431 Request Header Fields Too Large"
+        head, _, body = rest.partition(b"\r\n\r\n")
+        assert b"x-request-id: req_" in head
+        assert b"connection: close" in head
+        assert_envelope(body, 431, "request_header_fields_too_large")
+    else:  # h11 enforces the same cap itself (h11_max_incomplete_event_size), with uvicorn's own answer
+        assert answer.startswith(b"HTTP/1.1 400 ")
 
 
 # ----------------------------------------------------------------------------------- requests in progress
