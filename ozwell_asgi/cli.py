@@ -2,6 +2,8 @@
 
     ozwell-asgi serve [--host H] [--port P] [--store URL] [--limiter URL] [--limiter-namespace NS] [--workers N]
                       [--key-cache-ttl SECONDS] [--on-limiter-error closed|open] [--secret-file PATH] [--log-level L]
+                      [--limit-concurrency N] [--timeout-headers SECONDS] [--max-header-size N]
+                      [--timeout-keep-alive SECONDS] [--backlog N] [--timeout-graceful-shutdown SECONDS]
     ozwell-asgi keys create --name NAME [--owner O] [--plan P] [--rpm N] [--tpm N] [--models a,b] [--scopes api,admin]
                             [--expires-in 30d] [--store URL] [--secret-file PATH]
     ozwell-asgi keys list [--owner O] [--json] [--store URL]
@@ -9,10 +11,11 @@
     ozwell-asgi keys rotate ID [--store URL] [--secret-file PATH]
 
 Settings come from flags, else the environment (``OZWELL_STORE_URL``, ``OZWELL_LIMITER_URL``,
-``OZWELL_LIMITER_NAMESPACE``, ``OZWELL_KEY_CACHE_TTL``, ``OZWELL_ON_LIMITER_ERROR``), else the defaults
-(``sqlite:///./ozwell.db``, ``memory://``). The key-hashing secret is ``OZWELL_SECRET`` (at least 16 bytes) if set,
-else the contents of the secret file (``--secret-file``, ``OZWELL_SECRET_FILE``, default ``./ozwell.secret``), which
-``serve`` and ``keys create`` create (32 random bytes, hex, mode 0600) when it does not exist.
+``OZWELL_LIMITER_NAMESPACE``, ``OZWELL_KEY_CACHE_TTL``, ``OZWELL_ON_LIMITER_ERROR``, and those of the connection
+limits in ``CONNECTION_SETTINGS``), else the defaults (``sqlite:///./ozwell.db``, ``memory://``). The key-hashing
+secret is ``OZWELL_SECRET`` (at least 16 bytes) if set, else the contents of the secret file (``--secret-file``,
+``OZWELL_SECRET_FILE``, default ``./ozwell.secret``), which ``serve`` and ``keys create`` create (32 random bytes,
+hex, mode 0600) when it does not exist.
 
 Errors are one line on stderr and a non-zero exit status (2 for bad arguments, 1 for failures such as an unknown key
 id or an unreachable store); secrets go to stdout only, alone on the last line.
@@ -21,13 +24,17 @@ id or an unreachable store); secrets go to stdout only, alone on the last line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import gc
 import json
+import math
 import os
 import secrets
+import shutil
 import sys
+import tempfile
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -40,10 +47,10 @@ from .auth import KeyHasher, KeyManager, parse_duration
 from .errors import InvalidRequestError, OzwellError
 from .protocols import KeyStore
 from .ratelimit import DEFAULT_PLANS, LimitsRateLimiter, quota_for
-from .stores.urls import key_store_from_url
+from .stores.urls import create_private_sqlite_file, key_store_from_url
 from .types import DEFAULT_SCOPES, APIKey, Receive, Scope, Send
 
-__all__ = ["ServeConfig", "app_from_env", "build_app", "main", "resolve_secret"]
+__all__ = ["ConnectionLimits", "ServeConfig", "app_from_env", "build_app", "main", "resolve_secret"]
 
 PROG = "ozwell-asgi"
 DEFAULT_STORE_URL = "sqlite:///./ozwell.db"
@@ -61,6 +68,18 @@ ENV_SECRET = "OZWELL_SECRET"
 ENV_SECRET_FILE = "OZWELL_SECRET_FILE"
 ENV_KEY_CACHE_TTL = "OZWELL_KEY_CACHE_TTL"
 ENV_ON_LIMITER_ERROR = "OZWELL_ON_LIMITER_ERROR"
+# ConnectionLimits field -> (its environment variable, what it bounds); its flag is --field-name.
+CONNECTION_SETTINGS: dict[str, tuple[str, str]] = {
+    "limit_concurrency": ("OZWELL_LIMIT_CONCURRENCY", "requests in progress per worker before more get a 503; 0: none"),
+    "timeout_headers": (
+        "OZWELL_TIMEOUT_HEADERS",
+        "seconds a connection has to send a request's headers, from its accept or its previous response",
+    ),
+    "max_header_size": ("OZWELL_MAX_HEADER_SIZE", "bytes of one request's headers; more is answered 431"),
+    "timeout_keep_alive": ("OZWELL_TIMEOUT_KEEP_ALIVE", "seconds an idle connection is kept open"),
+    "backlog": ("OZWELL_BACKLOG", "connections the kernel queues before they are accepted"),
+    "timeout_graceful_shutdown": ("OZWELL_TIMEOUT_GRACEFUL_SHUTDOWN", "seconds requests in progress get on shutdown"),
+}
 
 T = TypeVar("T")
 
@@ -147,6 +166,13 @@ def _create_secret_file(path: Path) -> bool:
         raise CLIError(f"cannot create the secret file {path}: {exc.strerror or exc}") from exc
 
 
+def _secret_path(secret_file: str | None) -> Path | None:
+    """The file the secret is read from, or ``None`` when it is ``OZWELL_SECRET``'s value (see resolve_secret)."""
+    if os.environ.get(ENV_SECRET) and not secret_file:  # an explicit --secret-file wins, like every other flag
+        return None
+    return Path(secret_file or _env(ENV_SECRET_FILE) or DEFAULT_SECRET_FILE)
+
+
 def resolve_secret(secret_file: str | None = None, *, create: bool) -> str:
     """The key-hashing secret: ``--secret-file`` if given, else ``OZWELL_SECRET`` if set, else a secret file's.
 
@@ -154,10 +180,9 @@ def resolve_secret(secret_file: str | None = None, *, create: bool) -> str:
     ``create`` is true, a new one is made (32 random bytes as hex, mode 0600) and a note goes to stderr; otherwise
     that is an error. Raises :class:`CLIError`.
     """
-    env_secret = os.environ.get(ENV_SECRET)
-    if env_secret and not secret_file:  # an explicit --secret-file wins, like every other flag
-        return _secret_from_text(env_secret, ENV_SECRET)
-    path = Path(secret_file or _env(ENV_SECRET_FILE) or DEFAULT_SECRET_FILE)
+    path = _secret_path(secret_file)
+    if path is None:
+        return _secret_from_text(os.environ[ENV_SECRET], ENV_SECRET)
     if not path.exists():
         if not create:
             raise CLIError(f"the secret file {path} does not exist and {ENV_SECRET} is not set")
@@ -194,8 +219,12 @@ def _store_failure(exc: BaseException) -> CLIError:
 
 
 def _run_with_store(url: str, work: Callable[[KeyStore], Awaitable[T]]) -> T:
-    """Run ``work(store)`` on a new event loop, bounded in time; the store is closed afterwards."""
+    """Run ``work(store)`` on a new event loop, bounded in time; the store is closed afterwards.
+
+    A SQLite file that does not exist yet is created first, with mode 0600 (see create_private_sqlite_file).
+    """
     store = _open_store(url)
+    create_private_sqlite_file(url)
 
     async def run() -> T:
         try:
@@ -413,7 +442,10 @@ def cmd_keys_rotate(args: argparse.Namespace) -> int:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ServeConfig:
-    """Everything a server process needs to build the same app as every other worker."""
+    """Everything a server process needs to build the same app as every other worker.
+
+    ``secret_file`` is the absolute path of a file holding ``secret``: workers are told where it is, never what it is.
+    """
 
     store_url: str
     limiter_url: str
@@ -421,16 +453,91 @@ class ServeConfig:
     key_cache_ttl: float = DEFAULT_KEY_CACHE_TTL
     on_limiter_error: str = "closed"
     limiter_namespace: str = DEFAULT_LIMITER_NAMESPACE
+    secret_file: str | None = None
 
     def to_env(self) -> dict[str, str]:
+        """The ``OZWELL_*`` variables :func:`app_from_env` builds this config from; the secret by its file's path."""
+        if self.secret_file is None:
+            raise ValueError("the secret reaches workers only as a file: set secret_file")
         return {
             ENV_STORE_URL: self.store_url,
             ENV_LIMITER_URL: self.limiter_url,
-            ENV_SECRET: self.secret,
+            ENV_SECRET_FILE: self.secret_file,
             ENV_KEY_CACHE_TTL: repr(self.key_cache_ttl),
             ENV_ON_LIMITER_ERROR: self.on_limiter_error,
             ENV_LIMITER_NAMESPACE: self.limiter_namespace,
         }
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ConnectionLimits:
+    """How ``serve`` bounds its connections, per worker (flags and variables in :data:`CONNECTION_SETTINGS`).
+
+    ``limit_concurrency``: requests in progress before more are answered 503 (0: no limit); ``timeout_headers``:
+    seconds a connection may take to send a request's headers while none of its requests is being answered;
+    ``max_header_size``: bytes of one request's headers (431 beyond); ``timeout_keep_alive``: seconds an idle
+    connection is kept; ``backlog``: connections the kernel queues before they are accepted;
+    ``timeout_graceful_shutdown``: seconds requests in progress are given on shutdown.
+    """
+
+    limit_concurrency: int = 1000
+    timeout_headers: float = 10.0
+    max_header_size: int = 32768
+    timeout_keep_alive: float = 5.0
+    backlog: int = 2048
+    timeout_graceful_shutdown: float = 10.0
+
+    def __post_init__(self) -> None:
+        rules = (
+            ("limit_concurrency", self.limit_concurrency >= 0, ">= 0"),
+            ("timeout_headers", 0 < self.timeout_headers < math.inf, "a number of seconds > 0"),
+            ("max_header_size", self.max_header_size >= 1024, ">= 1024"),
+            ("timeout_keep_alive", 0 <= self.timeout_keep_alive < math.inf, "a number of seconds >= 0"),
+            ("backlog", self.backlog >= 1, ">= 1"),
+            ("timeout_graceful_shutdown", 0 <= self.timeout_graceful_shutdown < math.inf, "a number of seconds >= 0"),
+        )
+        for name, holds, rule in rules:
+            if not holds:
+                raise ValueError(f"--{name.replace('_', '-')} must be {rule}, got {getattr(self, name)}")
+
+    def uvicorn_options(self, http: str = "auto") -> dict[str, Any]:
+        """The keyword arguments of ``uvicorn.run``/``uvicorn.Config`` that apply these limits.
+
+        uvicorn's own ``limit_concurrency`` stays off: it counts idle and half-sent connections, which would let
+        a few stalled sockets turn every real request away; ours counts requests (see guarded_http).
+        """
+        from .guarded_http import guarded_protocol
+
+        return {
+            "http": guarded_protocol(
+                header_timeout=self.timeout_headers,
+                max_header_size=self.max_header_size,
+                limit_concurrency=self.limit_concurrency or None,
+                http=http,
+            ),
+            "h11_max_incomplete_event_size": self.max_header_size,
+            "ws": "none",
+            "limit_concurrency": None,
+            "backlog": self.backlog,
+            "timeout_keep_alive": self.timeout_keep_alive,
+            "timeout_graceful_shutdown": self.timeout_graceful_shutdown,
+        }
+
+
+def _raise_open_files_limit() -> int | None:
+    """Raise this process's soft limit on open files towards its hard limit (at most 65536; workers inherit it), so
+    that the bounds above, not descriptors, run out first. Returns the soft limit in force (None: unlimited)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return None
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = 65536 if hard == resource.RLIM_INFINITY else min(hard, 65536)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return None if soft == resource.RLIM_INFINITY else soft
 
 
 class _ServedApp(PrefixedApp):
@@ -492,12 +599,13 @@ def _float_from_env(name: str, default: float) -> float:
 def app_from_env() -> PrefixedApp:
     """uvicorn factory (``ozwell_asgi.cli:app_from_env``): the app configured by ``OZWELL_*`` variables.
 
-    ``serve --workers N`` sets them for its workers; each worker reads them once, at startup.
+    ``serve --workers N`` sets them for its workers; each worker reads them once, at startup. The secret must
+    exist already (a worker never makes one of its own, which would not match the keys of the others).
     """
     config = ServeConfig(
         store_url=_env(ENV_STORE_URL) or DEFAULT_STORE_URL,
         limiter_url=_env(ENV_LIMITER_URL) or DEFAULT_LIMITER_URL,
-        secret=resolve_secret(None, create=True),
+        secret=resolve_secret(None, create=False),
         key_cache_ttl=_float_from_env(ENV_KEY_CACHE_TTL, DEFAULT_KEY_CACHE_TTL),
         on_limiter_error=_env(ENV_ON_LIMITER_ERROR) or "closed",
         limiter_namespace=_env(ENV_LIMITER_NAMESPACE) or DEFAULT_LIMITER_NAMESPACE,
@@ -512,6 +620,19 @@ def _check_store(url: str) -> None:
         await store.get("key_preflight")
 
     _run_with_store(url, work)
+
+
+def _secret_file_for_workers(secret_file: str | None, secret: str, cleanup: contextlib.ExitStack) -> str:
+    """The absolute path of a file holding ``secret``, for workers to read: the secret file itself, or, when the
+    secret came from ``OZWELL_SECRET``, a new private one (mode 0600 in a 0700 directory) removed by ``cleanup``."""
+    path = _secret_path(secret_file)
+    if path is not None:
+        return str(path.resolve())
+    directory = Path(tempfile.mkdtemp(prefix="ozwell-serve-"))
+    cleanup.callback(shutil.rmtree, directory, ignore_errors=True)
+    private = directory / "secret"
+    _write_new_file(private, (secret + "\n").encode())
+    return str(private)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -541,14 +662,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise _usage_error(f"--limiter: {exc}") from exc
     except ImportError as exc:
         raise CLIError(f"--limiter: a driver is missing ({exc.name or exc})") from exc
+    try:
+        limits = ConnectionLimits(**{name: getattr(args, name) for name in CONNECTION_SETTINGS})
+    except ValueError as exc:
+        raise _usage_error(str(exc)) from exc
     _check_store(store_url)
     config = dataclasses.replace(config, secret=resolve_secret(args.secret_file, create=True))
+    open_files = _raise_open_files_limit()
+    if open_files is not None and open_files < limits.limit_concurrency + 100:
+        print(
+            f"{PROG}: warning: this process may open only {open_files} files, too few for --limit-concurrency "
+            f"{limits.limit_concurrency}: descriptors can run out before it applies (raise the hard limit)",
+            file=sys.stderr,
+        )
     common: dict[str, Any] = {
         "host": args.host,
         "port": args.port,
         "log_level": args.log_level,
         "lifespan": "on",
-        "timeout_graceful_shutdown": 10,
+        **limits.uvicorn_options(),
     }
     if args.workers > 1:
         if limiter_url.strip().lower().startswith(("memory:", "async+memory:")):
@@ -557,8 +689,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 "limits, so a key gets up to N times its budget; use --limiter redis://... for shared limits",
                 file=sys.stderr,
             )
-        os.environ.update(config.to_env())
-        uvicorn.run("ozwell_asgi.cli:app_from_env", factory=True, workers=args.workers, **common)
+        with contextlib.ExitStack() as cleanup:
+            secret_file = _secret_file_for_workers(args.secret_file, config.secret, cleanup)
+            os.environ.pop(ENV_SECRET, None)  # workers inherit this environment: the secret stays out of it
+            os.environ.update(dataclasses.replace(config, secret_file=secret_file).to_env())
+            uvicorn.run("ozwell_asgi.cli:app_from_env", factory=True, workers=args.workers, **common)
     else:
         uvicorn.run(build_app(config), **common)
     return 0
@@ -586,6 +721,17 @@ def _seconds(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+
+
+def _env_number(name: str, default: float, *, integer: bool) -> float:
+    value = _env(name)
+    if value is None:
+        return default
+    try:
+        return int(value) if integer else float(value)
+    except ValueError:
+        kind = "an integer" if integer else "a number of seconds"
+        raise _usage_error(f"{name} must be {kind}, got {value!r}") from None
 
 
 def _env_float_default(name: str, default: float) -> float:
@@ -637,6 +783,16 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default: ${ENV_ON_LIMITER_ERROR} or closed)",
     )
     serve.add_argument("--secret-file", metavar="PATH", help=secret_help)
+    for field in dataclasses.fields(ConnectionLimits):
+        env, meaning = CONNECTION_SETTINGS[field.name]
+        integer = field.type == "int"
+        serve.add_argument(
+            "--" + field.name.replace("_", "-"),
+            metavar="N" if integer else "SECONDS",
+            type=_integer if integer else _seconds,
+            default=None,
+            help=f"{meaning} (default: ${env} or {field.default:g})",
+        )
     serve.add_argument(
         "--log-level",
         default="info",
@@ -692,6 +848,12 @@ def main(argv: list[str] | None = None) -> int:
                 args.on_limiter_error = _env(ENV_ON_LIMITER_ERROR) or "closed"
                 if args.on_limiter_error not in ("closed", "open"):
                     raise _usage_error(f"{ENV_ON_LIMITER_ERROR} must be 'closed' or 'open'")
+            defaults = ConnectionLimits()
+            for field in dataclasses.fields(ConnectionLimits):
+                if getattr(args, field.name) is None:
+                    env = CONNECTION_SETTINGS[field.name][0]
+                    default = getattr(defaults, field.name)
+                    setattr(args, field.name, _env_number(env, default, integer=field.type == "int"))
         handler: Callable[[argparse.Namespace], int] = args.handler
         return handler(args)
     except SystemExit as exc:  # argparse (--help, bad arguments) and uvicorn's startup failures

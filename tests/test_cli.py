@@ -34,6 +34,12 @@ OZWELL_ENV = (
     "OZWELL_SECRET_FILE",
     "OZWELL_KEY_CACHE_TTL",
     "OZWELL_ON_LIMITER_ERROR",
+    "OZWELL_LIMIT_CONCURRENCY",
+    "OZWELL_TIMEOUT_HEADERS",
+    "OZWELL_MAX_HEADER_SIZE",
+    "OZWELL_TIMEOUT_KEEP_ALIVE",
+    "OZWELL_BACKLOG",
+    "OZWELL_TIMEOUT_GRACEFUL_SHUTDOWN",
 )
 
 
@@ -259,6 +265,14 @@ def test_unknown_or_revoked_ids(cli: CLI) -> None:
         (["serve", "--port", "http"], "--port"),
         (["serve", "--port", "70000"], "--port"),
         (["serve", "--key-cache-ttl", "-1"], "--key-cache-ttl"),
+        (["serve", "--limit-concurrency", "-1"], "--limit-concurrency"),
+        (["serve", "--limit-concurrency", "many"], "--limit-concurrency"),
+        (["serve", "--timeout-headers", "0"], "--timeout-headers"),
+        (["serve", "--timeout-headers", "soon"], "--timeout-headers"),
+        (["serve", "--max-header-size", "100"], "--max-header-size"),
+        (["serve", "--timeout-keep-alive", "-1"], "--timeout-keep-alive"),
+        (["serve", "--backlog", "0"], "--backlog"),
+        (["serve", "--timeout-graceful-shutdown", "-5"], "--timeout-graceful-shutdown"),
     ],
 )
 def test_bad_arguments_exit_non_zero_with_one_line(
@@ -426,7 +440,9 @@ def test_serve_hands_its_settings_to_workers(
     assert target == "ozwell_asgi.cli:app_from_env"
     assert (options["factory"], options["workers"], options["port"]) == (True, 3, 0)
     secret = (tmp_path / "ozwell.secret").read_text().strip()
-    assert os.environ["OZWELL_SECRET"] == secret
+    assert "OZWELL_SECRET" not in os.environ  # workers are told where the secret is, never what it is
+    assert secret not in "".join(os.environ.values())
+    assert os.environ["OZWELL_SECRET_FILE"] == str((tmp_path / "ozwell.secret").resolve())
     assert os.environ["OZWELL_STORE_URL"] == store
     assert os.environ["OZWELL_LIMITER_URL"] == "memory://"
     assert os.environ["OZWELL_LIMITER_NAMESPACE"] == "n1"
@@ -509,10 +525,23 @@ def create_key(*argv: str, cwd: Path, env: dict[str, str] | None = None) -> str:
 @contextmanager
 def serving(*argv: str, cwd: Path, env: dict[str, str] | None = None) -> Iterator[str]:
     """``ozwell-asgi serve --port P ...`` as a subprocess, until it answers; yields its base URL (…/v1)."""
+    with serve_process(*argv, cwd=cwd, env=env) as (base, _):
+        yield base
+
+
+@contextmanager
+def serve_process(
+    *argv: str, cwd: Path, env: dict[str, str] | None = None, prelude: str = ""
+) -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    """Like :func:`serving`, yielding the process too; ``prelude`` (Python statements: rlimits, umask) runs in that
+    process before it becomes ``serve`` (an ``exec``, so the pid stays the server's)."""
     port = free_port()
     log = (cwd / f"serve-{port}.log").open("w")
+    launch = [sys.executable]
+    if prelude:
+        launch += ["-c", f"{prelude}; import os, sys; os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ozwell_asgi", "serve", "--port", str(port), "--log-level", "warning", *argv],
+        [*launch, "-m", "ozwell_asgi", "serve", "--port", str(port), "--log-level", "warning", *argv],
         cwd=cwd,
         env=env or cli_env(),
         stdout=log,
@@ -533,7 +562,7 @@ def serving(*argv: str, cwd: Path, env: dict[str, str] | None = None) -> Iterato
             if time.monotonic() > deadline:
                 pytest.fail("serve did not answer within 60 s")
             time.sleep(0.1)
-        yield base
+        yield base, proc
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)

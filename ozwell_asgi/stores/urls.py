@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from ..protocols import KeyStore
 
-__all__ = ["KEY_STORE_URL_FORMS", "key_store_from_url"]
+__all__ = ["KEY_STORE_URL_FORMS", "create_private_sqlite_file", "key_store_from_url"]
 
 KEY_STORE_URL_FORMS = (
     "memory://",
@@ -21,6 +24,36 @@ KEY_STORE_URL_FORMS = (
 
 _SQL_SCHEMES = frozenset({"sqlite", "sqlite+aiosqlite", "postgres", "postgresql", "postgresql+asyncpg"})
 _REDIS_SCHEMES = frozenset({"redis", "rediss"})
+_SQLITE_SCHEMES = frozenset({"sqlite", "sqlite+aiosqlite"})
+
+
+def create_private_sqlite_file(url: str) -> Path | None:
+    """Create the SQLite database file ``url`` names, empty and with mode 0600, if it does not exist yet.
+
+    Returns the path when this call created it, else ``None`` (another kind of store, ``:memory:``, a ``file:``
+    URI, an existing file, or a directory that does not exist: the store reports that when it connects). SQLite
+    gives the ``-wal`` and ``-shm`` files it makes beside a database the database file's own mode, so the key
+    hashes in all three stay readable by their owner alone, whatever the umask.
+    """
+    scheme, sep, _ = url.strip().partition("://")
+    if not sep or scheme.lower() not in _SQLITE_SCHEMES:
+        return None
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url.strip())
+    except Exception:  # a malformed URL: opening the store reports it, without echoing the URL
+        return None
+    database = parsed.database
+    if not database or database == ":memory:" or database.startswith("file:") or parsed.query.get("mode"):
+        return None
+    path = Path(database)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError:  # it exists (kept as it is), or its directory does not
+        return None
+    os.close(fd)
+    return path
 
 
 def key_store_from_url(url: str, *, redis_prefix: str = "ozwell:") -> KeyStore:
