@@ -56,6 +56,21 @@ class SyncEmbed(Models):
         raise NotImplementedError
 
 
+class OldStyleWithEmbed(OldStyle):
+    async def embed(self, model: str, inputs: Any, dimensions: int | None) -> EmbeddingResult:
+        raise NotImplementedError
+
+
+class OldEmbedSignature(Models):
+    async def embed(self, model: str, inputs: Any, dimensions: int | None) -> EmbeddingResult:
+        raise NotImplementedError
+
+
+class NoCallParameter(Models):
+    async def stream_chat(self, request: Any) -> AsyncIterator[ChatChunk]:
+        yield ChatChunk()
+
+
 class CompleteOnly(Models):
     async def complete_chat(self, request: Any, call: Call) -> ChatResult:
         raise NotImplementedError
@@ -68,6 +83,9 @@ class CompleteOnly(Models):
         (SyncModels(), "list_models must be an `async def` method"),
         (CoroutineStream(), "must return an async iterator"),
         (OldStyle(), "rename chat_stream(request) to stream_chat(request, call)"),
+        (OldStyleWithEmbed(), "the methods of ozwell-asgi 0.1"),
+        (OldEmbedSignature(), "embed must take (request, call)"),
+        (NoCallParameter(), "stream_chat must take (request, call)"),
         (SyncEmbed(), "embed must be an `async def` method"),
         (CompleteOnly(), "has complete_chat but no stream_chat"),
         (Models(), "serves nothing"),
@@ -77,6 +95,9 @@ class CompleteOnly(Models):
         "sync-list-models",
         "coroutine-stream",
         "old-style",
+        "old-style-with-embed",
+        "old-embed-signature",
+        "no-call-parameter",
         "sync-embed",
         "complete-only",
         "nothing",

@@ -27,7 +27,7 @@ from ozwell_asgi import OzwellAPI
 from ozwell_asgi.app import PrefixedApp
 from ozwell_asgi.cli import ConnectionLimits, main
 from ozwell_asgi.stores.urls import create_private_sqlite_file
-from ozwell_asgi.types import ChatChunk, ChatResult, EmbeddingResult, ModelInfo
+from ozwell_asgi.types import Call, ChatChunk, ModelInfo
 from tests.harness import uvicorn_server
 from tests.test_cli import OZWELL_ENV, cli_env, create_key, serve_process
 
@@ -52,10 +52,7 @@ class SlowBackend:
     async def list_models(self) -> Sequence[ModelInfo]:
         return (ModelInfo(id="slow"),)
 
-    async def chat(self, request: Any) -> ChatResult:
-        raise NotImplementedError
-
-    async def chat_stream(self, request: Any) -> AsyncIterator[ChatChunk]:
+    async def stream_chat(self, request: Any, call: Call) -> AsyncIterator[ChatChunk]:
         self.open_streams += 1
         try:
             yield ChatChunk(role="assistant", content="")
@@ -64,9 +61,6 @@ class SlowBackend:
                 yield ChatChunk(content=" word")
         finally:
             self.open_streams -= 1
-
-    async def embed(self, model: str, inputs: Sequence[str | Sequence[int]], dimensions: int | None) -> EmbeddingResult:
-        raise NotImplementedError
 
 
 def make_api(backend: Any = None) -> tuple[OzwellAPI, str]:

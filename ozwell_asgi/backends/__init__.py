@@ -39,6 +39,21 @@ def _require_async(backend: object, name: str, method: object) -> None:
         raise TypeError(f"{type(backend).__name__}.{name} must be an `async def` method")
 
 
+def _require_arity(backend: object, name: str, method: object, expected: str) -> None:
+    """The method must take the request and the call (extra parameters need defaults)."""
+    try:
+        signature = inspect.signature(method)  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # a builtin or C method: nothing to check
+        return
+    params = list(signature.parameters.values())
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        return
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    required = [p for p in positional if p.default is p.empty]
+    if len(positional) < 2 or len(required) > 2:
+        raise TypeError(f"{type(backend).__name__}.{name} must take (request, call): {expected}")
+
+
 def capabilities(backend: object) -> Capabilities:
     """Check ``backend`` and say what it serves; ``TypeError`` if it cannot serve anything."""
     name = type(backend).__name__
@@ -60,15 +75,18 @@ def capabilities(backend: object) -> Capabilities:
     embed = _method(backend, "embed")
     if embed is not None:
         _require_async(backend, "embed", embed)
-    if stream_chat is None and embed is None:
-        legacy = [m for m in ("chat", "chat_stream") if getattr(backend, m, None) is not None]
-        hint = (
-            f" (it has {' and '.join(legacy)}: rename chat_stream(request) to stream_chat(request, call), and chat() "
-            "to complete_chat(request, call) or drop it)"
-            if legacy
-            else ""
+        _require_arity(backend, "embed", embed, "embed(request, call)")
+    for method_name, method in (("stream_chat", stream_chat), ("complete_chat", complete_chat)):
+        if method is not None:
+            _require_arity(backend, method_name, method, f"{method_name}(request, call)")
+    legacy = [m for m in ("chat", "chat_stream") if getattr(backend, m, None) is not None]
+    if stream_chat is None and legacy:
+        raise TypeError(
+            f"{name} has {' and '.join(legacy)}, the methods of ozwell-asgi 0.1: rename chat_stream(request) to "
+            "stream_chat(request, call), and chat(request) to complete_chat(request, call) or drop it"
         )
-        raise TypeError(f"{name} serves nothing: it needs stream_chat (chat) or embed (embeddings){hint}")
+    if stream_chat is None and embed is None:
+        raise TypeError(f"{name} serves nothing: it needs stream_chat (chat) or embed (embeddings)")
     return Capabilities(
         catalog=cast(ModelCatalog, backend),
         chat=cast(ChatBackend, backend) if stream_chat is not None else None,
