@@ -62,6 +62,12 @@ def capabilities(backend: object) -> Capabilities:
         raise TypeError(f"{name} is not a model backend: it has no `async def list_models(self)`")
     _require_async(backend, "list_models", list_models)
     stream_chat = _method(backend, "stream_chat")
+    legacy = [m for m in ("chat", "chat_stream") if getattr(backend, m, None) is not None]
+    if stream_chat is None and legacy:
+        raise TypeError(
+            f"{name} has {' and '.join(legacy)}, the methods of ozwell-asgi 0.1: rename chat_stream(request) to "
+            "stream_chat(request, call), and chat(request) to complete_chat(request, call) or drop it"
+        )
     if stream_chat is not None and inspect.iscoroutinefunction(stream_chat):
         raise TypeError(
             f"{name}.stream_chat must return an async iterator (write it as an async generator: `async def` with "
@@ -79,12 +85,6 @@ def capabilities(backend: object) -> Capabilities:
     for method_name, method in (("stream_chat", stream_chat), ("complete_chat", complete_chat)):
         if method is not None:
             _require_arity(backend, method_name, method, f"{method_name}(request, call)")
-    legacy = [m for m in ("chat", "chat_stream") if getattr(backend, m, None) is not None]
-    if stream_chat is None and legacy:
-        raise TypeError(
-            f"{name} has {' and '.join(legacy)}, the methods of ozwell-asgi 0.1: rename chat_stream(request) to "
-            "stream_chat(request, call), and chat(request) to complete_chat(request, call) or drop it"
-        )
     if stream_chat is None and embed is None:
         raise TypeError(f"{name} serves nothing: it needs stream_chat (chat) or embed (embeddings)")
     return Capabilities(
