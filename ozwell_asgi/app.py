@@ -29,12 +29,12 @@ from .backends import capabilities
 from .backends.echo import EchoBackend
 from .context import Services, Settings
 from .errors import MethodNotAllowedError, NotFoundError, OzwellError, internal_error
-from .protocols import ChatBackend, EmbeddingBackend, KeyStore, RateLimiter
+from .protocols import ChatBackend, EmbeddingBackend, FileStore, KeyStore, RateLimiter
 from .ratelimit import DEFAULT_PLANS, LimitsRateLimiter, Plan
 from .responses import error_response
 from .routes import ROUTES, Handler
 from .stores.cache import CachedKeyStore
-from .stores.urls import key_store_from_url
+from .stores.urls import Storages
 from .tokens import Tokenizer, default_tokenizer
 from .types import Receive, Scope, Send
 
@@ -129,8 +129,9 @@ class OzwellAPI:
     """The Ozwell /v1 API as an ASGI application.
 
     Dependencies are instances (any object satisfying the protocols in :mod:`ozwell_asgi.protocols`) or, for the
-    bundled adapters, URLs: ``key_store`` ``memory://``, ``sqlite:///path.db``, ``postgresql://…``,
-    ``redis://…``; ``rate_limiter`` ``memory://`` or ``redis://…`` (any storage of the ``limits`` library).
+    bundled adapters, URLs: ``key_store`` and ``file_store`` ``memory://``, ``sqlite:///path.db``,
+    ``postgresql://…``, ``redis://…`` (the same URL for both: one engine or client); ``rate_limiter``
+    ``memory://`` or ``redis://…`` (any storage of the ``limits`` library). ``file_store=None``: no files.
 
     ``secret`` keys the HMAC under which API keys are stored; it is required for a persistent key store (a random
     one is made for ``memory://``). ``key_cache_ttl`` bounds how long another process may still accept a key
@@ -142,6 +143,7 @@ class OzwellAPI:
         *,
         backend: ChatBackend | EmbeddingBackend | None = None,
         key_store: KeyStore | str = "memory://",
+        file_store: FileStore | str | None = None,
         rate_limiter: RateLimiter | str = "memory://",
         secret: str | bytes | None = None,
         plans: Mapping[str, Plan] = DEFAULT_PLANS,
@@ -154,10 +156,14 @@ class OzwellAPI:
             raise ValueError("on_limiter_error must be 'closed' or 'open'")
         plans = MappingProxyType(dict(plans))  # a snapshot: configuration is read once, here
         self._owned: list[Any] = []
+        storages = Storages()  # one storage per URL, closed by aclose
+        self._owned.append(storages)
+        if isinstance(file_store, str):
+            file_store = storages.file_store(file_store)
+        self.file_store: FileStore | None = file_store
         if isinstance(key_store, str):
             url = key_store
-            key_store = key_store_from_url(url)
-            self._owned.append(key_store)
+            key_store = storages.key_store(url)
             if secret is None:
                 if not url.startswith("memory:"):
                     raise ValueError("a secret is required to hash API keys in a persistent key store")
@@ -193,6 +199,7 @@ class OzwellAPI:
             tokenizer=self.tokenizer,
             settings=settings,
             plans=plans,
+            files=file_store,
         )
         has = {"chat": served.chat is not None, "embeddings": served.embeddings is not None}
         self.routes = _RouteTable(

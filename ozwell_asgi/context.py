@@ -13,7 +13,7 @@ from .auth import Authenticator, KeyManager, model_allowed, require_scope
 from .bodies import header, read_json_body
 from .errors import NotFoundError, PermissionDeniedError
 from .meter import Meter
-from .protocols import ChatBackend, CompletesChat, EmbeddingBackend, ModelCatalog, RateLimiter
+from .protocols import ChatBackend, CompletesChat, EmbeddingBackend, FileStore, ModelCatalog, RateLimiter
 from .ratelimit import Plan, rate_limit_header_bytes
 from .tokens import Tokenizer
 from .types import Call, ModelInfo, Principal
@@ -90,6 +90,7 @@ class Services:
     tokenizer: Tokenizer
     settings: Settings
     plans: Mapping[str, Plan]
+    files: FileStore | None = None  # None: the app serves no /files routes
 
     async def authenticate(self, request: Request, scope: str, *alternatives: str) -> Principal:
         """The caller, who must hold ``scope`` (or one of ``alternatives``); raises 401/403 in the envelope."""
