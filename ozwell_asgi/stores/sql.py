@@ -664,13 +664,17 @@ class SQLFileStore:
             if self.content is not None:
                 size = await self.content.put(file.id, self._renewing(file.id, content))
             else:
-                renew = self._renewal(file.id)
+                alive = sa.update(self._t).where(self._t.c.id == file.id, self._t.c.state == _PENDING)
 
                 async def write(seq: int, data: bytes) -> None:
+                    # The claim is renewed with each chunk, in its transaction: a chunk is never written for a row
+                    # the sweep has taken away.
                     async with _transaction(self.db.engine) as conn:
                         with _file_errors():
+                            renewed = await conn.execute(alive.values(touched_at=self._now()))
+                            if renewed.rowcount != 1:
+                                raise _abandoned()
                             await conn.execute(sa.insert(self._c).values(file_id=file.id, seq=seq, data=data))
-                    await renew()
 
                 size = await self._write_chunks(content, write)
             async with _transaction(self.db.engine) as conn:
