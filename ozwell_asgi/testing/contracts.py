@@ -14,8 +14,9 @@ Subclass a suite in a test module and give it the fixture it runs on; every test
 
 Fixtures are ordinary pytest fixtures, so they may be parametrized (one subclass over several storages) and their
 params may carry marks (``pytest.param("redis", marks=pytest.mark.redis)``, so ``-m "not redis"`` works). The
-suites' tests are async (``pytest.mark.anyio``, already set): run them with the ``anyio`` pytest plugin and an
-``anyio_backend`` fixture your stores support. Optional hooks, overridden the same way:
+suites' tests are async (``pytest.mark.anyio``, already set) and run by the ``anyio`` pytest plugin on the backends
+its ``anyio_backend`` fixture names (return ``"asyncio"`` from it for asyncio-only stores). Optional hooks,
+overridden the same way:
 
 - :class:`KeyStoreContract`: ``key_store_reopen`` (a fixture: a callable opening another store on the same storage,
   to check that a second process sees every write; ``None`` skips that test).
