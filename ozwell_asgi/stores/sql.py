@@ -874,17 +874,17 @@ class SQLFileStore:
             await self.db.ensure_tables()
         async with _transaction(self.db.engine) as conn:
             with _file_errors():
-                chunk_size = (await conn.execute(sa.select(t.c.chunk_size).where(mine))).scalar_one_or_none()
-                if chunk_size is None:
-                    return False
-                if chunk_size > 0:
-                    result = await conn.execute(sa.delete(t).where(mine))
-                    if result.rowcount:
-                        await conn.execute(sa.delete(self._c).where(self._c.c.file_id == file_id))
-                    return bool(result.rowcount)
+                # Writes only, no read first: a SQLite transaction that read before writing cannot wait for the
+                # write lock (it would fail at once when another writer got in between).
+                removed = await conn.execute(sa.delete(t).where(mine, t.c.chunk_size > 0))
+                if removed.rowcount:
+                    await conn.execute(sa.delete(self._c).where(self._c.c.file_id == file_id))
+                    return True
                 # Content elsewhere: hide the row (sweepable at once), then remove the bytes, then the row.
-                result = await conn.execute(sa.update(t).where(mine).values(state=_DELETING, touched_at=0))
-        if not result.rowcount:
+                hidden = await conn.execute(
+                    sa.update(t).where(mine, t.c.chunk_size == 0).values(state=_DELETING, touched_at=0)
+                )
+        if not hidden.rowcount:
             return False
         if self.content is not None:
             await self.content.delete(file_id)
