@@ -34,8 +34,7 @@ from .ratelimit import DEFAULT_PLANS, LimitsRateLimiter, Plan
 from .responses import error_response
 from .routes import ROUTES, Handler, RouteRow
 from .stores.cache import CachedKeyStore
-from .stores.memory import MemoryFileStore
-from .stores.urls import key_store_from_url
+from .stores.urls import Storages
 from .tokens import Tokenizer, default_tokenizer
 from .types import Receive, Scope, Send
 
@@ -151,15 +150,16 @@ class OzwellAPI:
     """The Ozwell /v1 API as an ASGI application.
 
     Dependencies are instances (any object satisfying the protocols in :mod:`ozwell_asgi.protocols`) or, for the
-    bundled adapters, URLs: ``key_store`` ``memory://``, ``sqlite:///path.db``, ``postgresql://…``,
-    ``redis://…``; ``rate_limiter`` ``memory://`` or ``redis://…`` (any storage of the ``limits`` library).
+    bundled adapters, URLs: ``key_store`` and ``file_store`` ``memory://``, ``sqlite:///path.db``,
+    ``postgresql://…``, ``redis://…`` (the same URL for both: one engine or client); ``rate_limiter``
+    ``memory://`` or ``redis://…`` (any storage of the ``limits`` library). ``file_store=None``: no ``/files``.
 
     ``secret`` keys the HMAC under which API keys are stored; it is required for a persistent key store (a random
     one is made for ``memory://``). ``key_cache_ttl`` bounds how long another process may still accept a key
     revoked elsewhere (0 disables the cache). Adapters built here from URLs are closed by :meth:`aclose`.
 
-    ``file_store`` keeps the files of ``/files`` (any :class:`~ozwell_asgi.protocols.FileStore`); by default a
-    :class:`~ozwell_asgi.stores.memory.MemoryFileStore` (this process's memory, 1 GiB in all).
+    ``file_store`` keeps the files of ``/files`` (any :class:`~ozwell_asgi.protocols.FileStore`, or a URL); by default
+    ``memory://``, a :class:`~ozwell_asgi.stores.memory.MemoryFileStore` (this process's memory, 1 GiB in all).
     """
 
     def __init__(
@@ -167,6 +167,7 @@ class OzwellAPI:
         *,
         backend: ChatBackend | EmbeddingBackend | None = None,
         key_store: KeyStore | str = "memory://",
+        file_store: FileStore | str | None = "memory://",
         rate_limiter: RateLimiter | str = "memory://",
         secret: str | bytes | None = None,
         plans: Mapping[str, Plan] = DEFAULT_PLANS,
@@ -174,16 +175,19 @@ class OzwellAPI:
         on_limiter_error: str = "closed",
         settings: Settings | None = None,
         tokenizer: Tokenizer | None = None,
-        file_store: FileStore | None = None,
     ) -> None:
         if on_limiter_error not in ("closed", "open"):
             raise ValueError("on_limiter_error must be 'closed' or 'open'")
         plans = MappingProxyType(dict(plans))  # a snapshot: configuration is read once, here
         self._owned: list[Any] = []
+        storages = Storages()  # one storage per URL, closed by aclose
+        self._owned.append(storages)
+        if isinstance(file_store, str):
+            file_store = storages.file_store(file_store)
+        self.file_store: FileStore | None = file_store
         if isinstance(key_store, str):
             url = key_store
-            key_store = key_store_from_url(url)
-            self._owned.append(key_store)
+            key_store = storages.key_store(url)
             if secret is None:
                 if not url.startswith("memory:"):
                     raise ValueError("a secret is required to hash API keys in a persistent key store")
@@ -219,7 +223,7 @@ class OzwellAPI:
             tokenizer=self.tokenizer,
             settings=settings,
             plans=plans,
-            files=file_store if file_store is not None else MemoryFileStore(),
+            files=file_store,
         )
         has = {
             "chat": served.chat is not None,

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from .errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
 from .protocols import KeyStore
 from .ratelimit import DEFAULT_PLANS, Plan, quota_for
-from .types import DEFAULT_SCOPES, SCOPE_ADMIN, SCOPE_ADMIN_GLOBAL, SCOPE_API, APIKey, Principal, Quota
+from .types import DEFAULT_SCOPES, SCOPE_ADMIN, SCOPE_ADMIN_GLOBAL, SCOPE_API, APIKey, Page, PageQuery, Principal, Quota
 
 __all__ = [
     "Authenticator",
@@ -42,6 +42,7 @@ KEY_PREFIX = "ozw_"
 KNOWN_SCOPES = frozenset({SCOPE_API, SCOPE_ADMIN, SCOPE_ADMIN_GLOBAL})
 _KEY_RE = re.compile(r"ozw_[A-Za-z0-9_\-]{32,256}")
 _HINT_LEN = 8
+_LIST_SCAN_BATCH = 100  # keys read per store page when a listing skips keys its caller may not see
 
 #: Default caps on a key's ``models`` (``Settings.max_model_patterns`` / ``Settings.max_model_pattern_length``).
 DEFAULT_MAX_MODEL_PATTERNS = 256
@@ -484,6 +485,45 @@ class KeyManager:
         if owner is not None and "\x00" in owner:
             raise InvalidRequestError("'owner' must not contain NUL characters.", param="owner")
         return await self.store.list(owner)
+
+    async def list_page(
+        self, query: PageQuery, owner: str | None = None, visible: Callable[[APIKey], bool] | None = None
+    ) -> Page[APIKey]:
+        """One page of the keys of ``owner`` (every owner's for ``None``) that ``visible`` accepts (all for
+        ``None``), cut exactly as :func:`~ozwell_asgi.pages.paginate` cuts that list; 400 ``param: "owner"`` as
+        :meth:`list`. A cursor naming a key outside that list gives an empty page, as an unknown id does.
+
+        With ``visible``, store pages of ``max(limit + 1, 100)`` keys are read until ``limit + 1`` visible keys
+        are found or the scope ends: one store page when most keys are visible, and never more reads than the
+        keys in scope take.
+        """
+        if owner is not None and "\x00" in owner:
+            raise InvalidRequestError("'owner' must not contain NUL characters.", param="owner")
+        if visible is None:
+            return await self.store.list_page(query, owner)
+        cursor = query.after if query.after is not None else query.before
+        if cursor is not None:
+            at = await self.store.get(cursor)
+            if at is None or (owner is not None and at.owner != owner) or not visible(at):
+                return Page((), False)
+        forwards = query.before is None  # the page follows its start in the listing's order
+        batch = max(query.limit + 1, _LIST_SCAN_BATCH)
+        step = PageQuery(limit=batch, after=query.after, before=query.before, order=query.order)
+        found: list[APIKey] = []  # visible keys, nearest to the page's start first
+        while True:
+            page = await self.store.list_page(step, owner)
+            for key in page.data if forwards else reversed(page.data):
+                if visible(key):
+                    found.append(key)
+                    if len(found) > query.limit:
+                        del found[query.limit :]
+                        return Page(tuple(found if forwards else reversed(found)), True)
+            if not page.has_more or not page.data:
+                return Page(tuple(found if forwards else reversed(found)), False)
+            if forwards:
+                step = PageQuery(limit=batch, after=page.data[-1].id, order=query.order)
+            else:
+                step = PageQuery(limit=batch, before=page.data[0].id, order=query.order)
 
     async def get(self, key_id: str) -> APIKey | None:
         return await self.store.get(key_id)

@@ -94,7 +94,7 @@ class Services:
     tokenizer: Tokenizer
     settings: Settings
     plans: Mapping[str, Plan]
-    files: FileStore | None = None  # the owner-scoped file store; None: no /files routes
+    files: FileStore | None = None  # the owner-scoped file store; None: the app serves no /files routes
 
     async def authenticate(self, request: Request, scope: str, *alternatives: str) -> Principal:
         """The caller, who must hold ``scope`` (or one of ``alternatives``); raises 401/403 in the envelope."""

@@ -92,10 +92,10 @@ class EmbeddingBackend(ModelCatalog, Protocol):
 class KeyStore(Protocol):
     """Stores API keys by id and by keyed hash. Every method is atomic on its own.
 
-    Guarantees every adapter passes (tests/test_keystore_contract.py): ``key_hash`` and ``id`` are unique;
-    ``list`` is ordered by ``created_at`` then ``id``; ``revoke`` is idempotent and keeps the first revocation time;
-    ``rotate`` replaces the hash of an active key, so the old secret stops working and the id, owner, plan and
-    limits stay.
+    Guarantees every adapter passes (:class:`ozwell_asgi.testing.contracts.KeyStoreContract`): ``key_hash`` and
+    ``id`` are unique; ``list`` and ``list_page`` are ordered by ``created_at`` then ``id``; ``revoke`` is idempotent
+    and keeps the first revocation time; ``rotate`` replaces the hash of an active key, so the old secret stops
+    working and the id, owner, plan and limits stay.
     """
 
     async def create(self, key: APIKey) -> None:
@@ -108,6 +108,11 @@ class KeyStore(Protocol):
 
     async def list(self, owner: str | None = None) -> list[APIKey]:
         """Every key, or every key of ``owner``; revoked and expired ones included."""
+        ...
+
+    async def list_page(self, query: PageQuery, owner: str | None = None) -> Page[APIKey]:
+        """One page of :meth:`list`, exactly as :func:`ozwell_asgi.pages.paginate` cuts it (a cursor that is not a
+        key of ``owner`` gives an empty page); each page costs work in proportion to ``query.limit``."""
         ...
 
     async def revoke(self, key_id: str, at: int) -> APIKey | None:

@@ -466,3 +466,156 @@ async def test_a_key_request_body_is_capped_at_one_mebibyte() -> None:
         )
     assert response.status_code == 413
     assert response.json()["error"]["code"] == "payload_too_large"
+
+
+# --- paging ------------------------------------------------------------------------------------------------------
+
+
+async def visible_to(api: OzwellAPI, secret: str, owner: str | None) -> list[str]:
+    """The ids the caller of ``secret`` may list, oldest first (the store's order, filtered by the grant rule)."""
+    principal = await api.services.authenticator.authenticate(f"Bearer {secret}")
+    return [k.id for k in await api.keys.list(owner) if api.keys.manages(principal, k)]
+
+
+async def test_list_pages_as_paginate_cuts(world: World) -> None:
+    from ozwell_asgi.pages import paginate
+    from ozwell_asgi.types import PageQuery
+
+    for n in range(25):
+        await world.api.keys.create(name=f"bulk {n}", owner="alice")
+    ids = await visible_to(world.api, world.alice_admin, "alice")
+    assert len(ids) == 27
+    admin = auth(world.alice_admin)
+    async with raw_client(world.api) as http:
+        response = await http.get("/api-keys", headers=admin)
+        listing = response.json()
+        assert set(listing) == {"object", "data", "has_more", "first_id", "last_id"}
+        assert [k["id"] for k in listing["data"]] == ids[:20]  # 20 by default, oldest first as OpenAI lists keys
+        assert listing["has_more"] is True
+        assert (listing["first_id"], listing["last_id"]) == (ids[0], ids[19])
+        response = await http.get("/api-keys", params={"after": listing["last_id"]}, headers=admin)
+        assert response.json() == {
+            "object": "list",
+            "data": response.json()["data"],
+            "has_more": False,
+            "first_id": ids[20],
+            "last_id": ids[26],
+        }
+        assert [k["id"] for k in response.json()["data"]] == ids[20:]
+        queries = [
+            {"limit": "5", "order": "desc"},
+            {"limit": "3", "before": ids[10]},
+            {"limit": "3", "before": ids[10], "order": "desc"},
+            {"limit": "100", "after": ids[2], "order": "asc"},
+            {"limit": "1", "after": ids[26]},
+            {"limit": "1", "before": ids[0]},
+            {"after": "key_unknown"},
+            {"after": world.bob_api_key.id},  # another owner's key: as unknown
+            {"after": ""},  # an empty cursor: none
+        ]
+        for params in queries:
+            response = await http.get("/api-keys", params=params, headers=admin)
+            assert response.status_code == 200, params
+            body = response.json()
+            query = PageQuery(
+                limit=int(params.get("limit", 20)),
+                after=params.get("after") or None,
+                before=params.get("before") or None,
+                order="desc" if params.get("order") == "desc" else "asc",
+            )
+            expected = paginate(ids, query, lambda i: i)
+            assert ([k["id"] for k in body["data"]], body["has_more"]) == (list(expected.data), expected.has_more)
+            assert (body["first_id"], body["last_id"]) == (
+                expected.data[0] if expected.data else None,
+                expected.data[-1] if expected.data else None,
+            )
+
+
+async def test_pages_skip_keys_beyond_the_grant_and_say_has_more_exactly() -> None:
+    """A pro admin pages through its owner's keys: stronger keys (enterprise plan, admin:global) interleaved with
+    them are never listed, never count towards a page, and a cursor naming one gives an empty page."""
+    api = OzwellAPI(secret="s" * 32)
+    try:
+        _, admin = await api.keys.create(name="pro admin", owner="acme", plan="pro", scopes=ADMIN)
+        hidden = []
+        for n in range(12):
+            await api.keys.create(name=f"weak {n}", owner="acme", plan="free")
+            key, _ = await api.keys.create(name=f"strong {n}", owner="acme", plan="enterprise")
+            hidden.append(key.id)
+        root, _ = await api.keys.create(name="root", owner="acme", scopes=["admin:global"], plan="free")
+        hidden.append(root.id)
+        await api.keys.create(name="other", owner="zeta", plan="free")
+        ids = await visible_to(api, admin, "acme")
+        assert len(ids) == 13 and not set(ids) & set(hidden)
+        async with raw_client(api) as http:
+            for order, listing in (("asc", ids), ("desc", ids[::-1])):
+                seen: list[str] = []
+                params: dict[str, str] = {"limit": "4", "order": order}
+                pages = 0
+                while True:
+                    body = (await http.get("/api-keys", params=params, headers=auth(admin))).json()
+                    seen += [k["id"] for k in body["data"]]
+                    pages += 1
+                    if not body["has_more"]:
+                        break
+                    params["after"] = body["last_id"]
+                assert seen == listing
+                assert pages == 4  # 4 + 4 + 4 + 1: the last page says no more, though hidden keys follow
+            for cursor in (hidden[0], hidden[-1]):
+                for direction in ("after", "before"):
+                    body = (await http.get("/api-keys", params={direction: cursor}, headers=auth(admin))).json()
+                    assert body == {"object": "list", "data": [], "has_more": False, "first_id": None, "last_id": None}
+            body = (await http.get("/api-keys", params={"before": ids[5], "limit": "2"}, headers=auth(admin))).json()
+            assert ([k["id"] for k in body["data"]], body["has_more"]) == (ids[3:5], True)
+    finally:
+        await api.aclose()
+
+
+@pytest.mark.parametrize(
+    ("params", "param"),
+    [
+        ({"limit": "0"}, "limit"),
+        ({"limit": "101"}, "limit"),
+        ({"limit": "abc"}, "limit"),
+        ({"limit": "1.5"}, "limit"),
+        ({"limit": "-1"}, "limit"),
+        ({"limit": " 5"}, "limit"),
+        ({"limit": ""}, "limit"),
+        ({"limit": "\uff11"}, "limit"),  # a full-width digit one: int() would take it
+        ({"limit": "9" * 5000}, "limit"),
+        ({"order": "sideways"}, "order"),
+        ({"order": "ASC"}, "order"),
+        ({"after": "key_a", "before": "key_b"}, "before"),
+    ],
+)
+async def test_bad_page_parameters_are_400_naming_the_param(world: World, params: dict[str, str], param: str) -> None:
+    async with raw_client(world.api) as http:
+        response = await http.get("/api-keys", params=params, headers=auth(world.alice_admin))
+    assert response.status_code == 400
+    error = envelope(response)
+    assert (error["type"], error["param"]) == ("invalid_request_error", param)
+    assert error["code"] in ("invalid_type", "invalid_value")
+    assert len(error["message"]) < 200
+
+
+async def test_the_official_sdk_auto_paginates_the_keys(world: World) -> None:
+    import openai
+    from openai.pagination import AsyncCursorPage
+
+    from tests.harness import async_openai
+
+    class Key(openai.BaseModel):
+        id: str
+        name: str
+
+    for n in range(7):
+        await world.api.keys.create(name=f"sdk {n}", owner="alice")
+    ids = await visible_to(world.api, world.alice_admin, "alice")
+    client = async_openai(world.api, world.alice_admin)
+    try:
+        pages = client.get_api_list("/api-keys", model=Key, page=AsyncCursorPage[Key], options={"params": {"limit": 2}})
+        first = await pages
+        assert len(first.data) == 2 and first.has_more
+        assert [key.id async for key in pages] == ids  # every page, with after=<last id>, until has_more is false
+    finally:
+        await client.close()

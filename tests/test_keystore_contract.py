@@ -1,13 +1,11 @@
-"""The KeyStore contract (protocols.py), run against every bundled adapter on real storage.
-
-memory, SQLite (a file), PostgreSQL and Redis (the machine's real servers, isolated per test by conftest) and the
-cache in front of memory. A second instance on the same storage must see the first one's writes.
+"""The KeyStore contract (ozwell_asgi.testing.contracts.KeyStoreContract), run over every bundled adapter on real
+storage: memory, SQLite (a file), PostgreSQL and Redis (the machine's real servers, isolated per test by conftest),
+each standalone (``from_url``) and through ``open_storage`` (one engine or client shared with the file store), and
+the cache in front of memory. Then what is particular to the SQL store and to storage URLs.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import random
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,288 +14,131 @@ import anyio
 import pytest
 from sqlalchemy.engine import make_url
 
+from ozwell_asgi import OzwellAPI
 from ozwell_asgi.protocols import KeyStore
 from ozwell_asgi.stores.cache import CachedKeyStore
-from ozwell_asgi.stores.memory import MemoryKeyStore
-from ozwell_asgi.stores.sql import SQLKeyStore, normalize_sql_url
-from ozwell_asgi.stores.urls import key_store_from_url
-from ozwell_asgi.types import APIKey
+from ozwell_asgi.stores.memory import MemoryFileStore, MemoryKeyStore, MemoryStorage
+from ozwell_asgi.stores.sql import SQLDatabase, SQLFileStore, SQLKeyStore, normalize_sql_url
+from ozwell_asgi.stores.urls import (
+    Storage,
+    StorageOptions,
+    Storages,
+    key_store_from_url,
+    open_storage,
+    register_storage,
+)
+from ozwell_asgi.testing.contracts import KeyStoreContract, make_key
 
 pytestmark = pytest.mark.anyio
 
 
 @dataclass
 class Backend:
-    """Opens stores on one storage; every store it opens is closed after the test."""
+    """Opens stores on one storage; every store (and storage) it opens is closed after the test."""
 
     name: str
     factory: Callable[[], KeyStore]
     persistent: bool
-    opened: list[KeyStore] = field(default_factory=list)
+    opened: list[object] = field(default_factory=list)
 
     def open(self) -> KeyStore:
         store = self.factory()
         self.opened.append(store)
         return store
 
+    def via_storage(self, url: str, options: StorageOptions | None = None) -> Backend:
+        """Each store on a storage of its own from ``open_storage`` (closed with it)."""
 
-@pytest.fixture(params=["memory", "sqlite", "postgres", "redis", "cached-memory"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
-    name: str = request.param
-    if name == "memory":
-        return Backend(name, MemoryKeyStore, persistent=False)
-    if name == "cached-memory":
-        return Backend(name, lambda: CachedKeyStore(MemoryKeyStore(), ttl=5.0), persistent=False)
-    if name == "sqlite":
-        url = f"sqlite:///{tmp_path / 'keys.db'}"
-        return Backend(name, lambda: SQLKeyStore.from_url(url), persistent=True)
-    if name == "postgres":
-        pg_url: str = request.getfixturevalue("postgres_url")
-        return Backend(name, lambda: SQLKeyStore.from_url(pg_url), persistent=True)
-    redis_url: str = request.getfixturevalue("redis_url")
-    prefix: str = request.getfixturevalue("redis_prefix")
-    return Backend(name, lambda: key_store_from_url(redis_url, redis_prefix=prefix), persistent=True)
+        def factory() -> KeyStore:
+            storage = open_storage(url, options)
+            self.opened.append(storage)
+            return storage.key_store()
+
+        self.factory = factory
+        return self
+
+    async def aclose(self) -> None:
+        for opened in reversed(self.opened):
+            aclose = getattr(opened, "aclose", None)
+            if aclose is not None:
+                await aclose()
+
+
+SERVICES = pytest.mark.services
 
 
 @pytest.fixture
-async def store(backend: Backend) -> AsyncIterator[KeyStore]:
-    yield backend.open()
-    for opened in backend.opened:
-        aclose = getattr(opened, "aclose", None)
-        if aclose is not None:
-            await aclose()
+async def postgres_icu_url(postgres_url: str) -> AsyncIterator[str]:
+    """A PostgreSQL database whose collation sorts text as people read it (ICU en-US: ``key__ < key_a < key_A <
+    key_b``), not byte by byte as Python does: the stores' order must not depend on it. Dropped afterwards."""
+    import asyncpg
+
+    url = make_url(postgres_url)
+    name = f"{url.database}_icu"
+    admin = await asyncpg.connect(host=url.host, port=url.port, user=url.username, database=url.database)
+    try:
+        await admin.execute(
+            f"CREATE DATABASE \"{name}\" TEMPLATE template0 LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+        )
+        order = await admin.fetch("SELECT x FROM (VALUES ('a'), ('B')) t(x) ORDER BY x COLLATE \"en-US-x-icu\"")
+        assert [r[0] for r in order] == ["a", "B"]
+    finally:
+        await admin.close()
+    yield url.set(database=name).render_as_string(hide_password=False)
+    admin = await asyncpg.connect(host=url.host, port=url.port, user=url.username, database=url.database)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
 
 
-def make_key(n: int | str, **changes: object) -> APIKey:
-    key = APIKey(id=f"key_{n}", key_hash=f"hash_{n}", owner="alice", name=f"key {n}", hint=f"ozw_{n}")
-    return dataclasses.replace(key, **changes)  # type: ignore[arg-type]
-
-
-FULL = make_key(
-    "full",
-    owner="org-1",
-    name="Production — ünïcode",
-    plan="enterprise",
-    rpm=1000,
-    tpm=2_000_000,
-    models=("gpt-4o", "llama-*"),
-    scopes=("api", "admin"),
-    created_at=1_700_000_000,
-    expires_at=4_102_444_800,  # past 2038: needs 64-bit storage
-    hint="ozw_AbCd",
-)
-MINIMAL = make_key("min", name="", hint="")  # defaults: models None, rpm/tpm None, no expiry
-VARIANTS = [
-    FULL,
-    MINIMAL,
-    make_key("empty-models", models=(), scopes=()),
-    make_key("born-revoked", revoked_at=1_700_000_100, created_at=1_700_000_000),
+BACKENDS = [
+    pytest.param("memory"),
+    pytest.param("cached-memory"),
+    pytest.param("sqlite"),
+    pytest.param("sqlite-storage"),
+    pytest.param("postgres", marks=SERVICES),
+    pytest.param("postgres-storage", marks=SERVICES),
+    pytest.param("redis", marks=SERVICES),
+    pytest.param("redis-storage", marks=SERVICES),
 ]
 
 
-async def test_create_get_roundtrip_every_field(store: KeyStore) -> None:
-    for key in VARIANTS:
-        await store.create(key)
-    for key in VARIANTS:
-        assert await store.get(key.id) == key
-        assert await store.get_by_hash(key.key_hash) == key
-    got = await store.get(MINIMAL.id)
-    assert got is not None
-    assert got.models is None
-    assert got.rpm is None
-    assert got.tpm is None
-    assert got.expires_at is None
-    empty = await store.get("key_empty-models")
-    assert empty is not None
-    assert empty.models == ()
-    assert empty.scopes == ()
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    name: str = request.param
+    if name == "memory":
+        opened = Backend(name, MemoryKeyStore, persistent=False)
+    elif name == "cached-memory":
+        opened = Backend(name, lambda: CachedKeyStore(MemoryKeyStore(), ttl=5.0), persistent=False)
+    elif name.startswith("sqlite"):
+        url = f"sqlite:///{tmp_path / 'keys.db'}"
+        opened = Backend(name, lambda: SQLKeyStore.from_url(url), persistent=True)
+        if name.endswith("storage"):
+            opened.via_storage(url)
+    elif name.startswith("postgres"):
+        pg_url: str = request.getfixturevalue("postgres_url")
+        opened = Backend(name, lambda: SQLKeyStore.from_url(pg_url), persistent=True)
+        if name.endswith("storage"):
+            opened.via_storage(pg_url)
+    else:
+        redis_url: str = request.getfixturevalue("redis_url")
+        prefix: str = request.getfixturevalue("redis_prefix")
+        opened = Backend(name, lambda: key_store_from_url(redis_url, redis_prefix=prefix), persistent=True)
+        if name.endswith("storage"):  # a binary client (decode_responses=False), as the file store needs
+            opened.via_storage(redis_url, StorageOptions(redis_prefix=prefix))
+    return opened
 
 
-async def test_unknown_id_and_hash(store: KeyStore) -> None:
-    assert await store.get("nope") is None
-    assert await store.get_by_hash("nope") is None
-    assert await store.list() == []
-    assert await store.list("nobody") == []
+class TestBundledKeyStores(KeyStoreContract):
+    @pytest.fixture
+    async def key_store(self, backend: Backend) -> AsyncIterator[KeyStore]:
+        yield backend.open()
+        await backend.aclose()
 
-
-async def test_lookups_by_text_no_key_can_hold_find_nothing(store: KeyStore) -> None:
-    """A NUL character (PostgreSQL cannot store one) in an id, hash or owner: not found, never an error."""
-    await store.create(make_key(1))
-    for bad in ("\x00", "key_1\x00", "k\x00ey"):
-        assert await store.get(bad) is None
-        assert await store.get_by_hash(bad) is None
-        assert await store.list(bad) == []
-        assert await store.revoke(bad, 100) is None
-        assert await store.rotate(bad, "hash_nul", "ozw_nul") is None
-    assert await store.list() == [make_key(1)]
-
-
-async def test_duplicate_id_or_hash_is_rejected_and_writes_nothing(store: KeyStore) -> None:
-    original = make_key(1)
-    await store.create(original)
-    with pytest.raises(ValueError, match="already exists"):
-        await store.create(make_key(2, id=original.id))
-    with pytest.raises(ValueError, match="already exists"):
-        await store.create(make_key(3, key_hash=original.key_hash))
-    assert await store.get_by_hash("hash_2") is None
-    assert await store.get("key_3") is None
-    assert await store.get(original.id) == original
-    assert await store.get_by_hash(original.key_hash) == original
-    assert await store.list() == [original]
-
-
-async def test_list_all_and_by_owner_ordered_by_created_at_then_id(store: KeyStore) -> None:
-    keys = [
-        make_key("b", created_at=20, owner="alice"),
-        make_key("a", created_at=20, owner="bob"),
-        make_key("c", created_at=10, owner="alice"),
-        make_key("d", created_at=30, owner="bob"),
-        make_key("e", created_at=20, owner="alice", revoked_at=25),
-        make_key("f", created_at=5, owner="alice", expires_at=6),
-    ]
-    for key in random.sample(keys, len(keys)):
-        await store.create(key)
-    expected = sorted(keys, key=lambda k: (k.created_at, k.id))
-    assert [k.id for k in expected] == ["key_f", "key_c", "key_a", "key_b", "key_e", "key_d"]
-    assert await store.list() == expected
-    assert await store.list(None) == expected
-    assert await store.list("alice") == [k for k in expected if k.owner == "alice"]
-    assert await store.list("bob") == [k for k in expected if k.owner == "bob"]
-    assert await store.list("carol") == []
-
-
-async def test_revoke_is_idempotent_and_keeps_the_first_time(store: KeyStore) -> None:
-    key = make_key(1, created_at=1)
-    await store.create(key)
-    first = await store.revoke(key.id, 100)
-    assert first == dataclasses.replace(key, revoked_at=100)
-    again = await store.revoke(key.id, 200)
-    assert again is not None
-    assert again.revoked_at == 100
-    assert (await store.get(key.id)) == first
-    by_hash = await store.get_by_hash(key.key_hash)  # still resolves: callers check is_active
-    assert by_hash is not None
-    assert by_hash.revoked_at == 100
-    assert not by_hash.is_active(now=50)
-    assert await store.revoke("unknown", 100) is None
-    assert await store.get("unknown") is None
-
-
-async def test_rotate_replaces_the_hash_and_keeps_the_rest(store: KeyStore) -> None:
-    key = FULL
-    await store.create(key)
-    rotated = await store.rotate(key.id, "hash_new", "ozw_New1")
-    assert rotated == dataclasses.replace(key, key_hash="hash_new", hint="ozw_New1")
-    assert await store.get_by_hash(key.key_hash) is None
-    assert await store.get_by_hash("hash_new") == rotated
-    assert await store.get(key.id) == rotated
-    assert await store.list() == [rotated]
-    # Rotating again works, and the intermediate hash dies too.
-    twice = await store.rotate(key.id, "hash_newer", "ozw_New2")
-    assert twice is not None
-    assert twice.key_hash == "hash_newer"
-    assert await store.get_by_hash("hash_new") is None
-
-
-async def test_rotate_fails_on_unknown_or_revoked_keys(store: KeyStore) -> None:
-    assert await store.rotate("unknown", "hash_x", "ozw_x") is None
-    assert await store.get_by_hash("hash_x") is None
-    key = make_key(1)
-    await store.create(key)
-    await store.revoke(key.id, 10)
-    assert await store.rotate(key.id, "hash_x", "ozw_x") is None
-    assert await store.get_by_hash("hash_x") is None
-    after = await store.get_by_hash(key.key_hash)
-    assert after is not None
-    assert after.key_hash == key.key_hash
-    assert after.revoked_at == 10
-
-
-async def test_rotate_to_a_hash_of_another_key_is_rejected(store: KeyStore) -> None:
-    one, two = make_key(1), make_key(2)
-    await store.create(one)
-    await store.create(two)
-    with pytest.raises(ValueError, match="already exists"):
-        await store.rotate(one.id, two.key_hash, "ozw_x")
-    assert await store.get_by_hash(one.key_hash) == one
-    assert await store.get_by_hash(two.key_hash) == two
-
-
-async def test_concurrent_creates_are_all_stored(store: KeyStore) -> None:
-    keys = [make_key(i, created_at=i % 7, owner=f"owner-{i % 3}") for i in range(50)]
-    async with anyio.create_task_group() as tg:
-        for key in keys:
-            tg.start_soon(store.create, key)
-    assert await store.list() == sorted(keys, key=lambda k: (k.created_at, k.id))
-    for key in keys:
-        assert await store.get_by_hash(key.key_hash) == key
-    assert len(await store.list("owner-1")) == len([k for k in keys if k.owner == "owner-1"])
-
-
-async def test_concurrent_creates_of_one_id_store_exactly_one(store: KeyStore) -> None:
-    outcomes: list[bool] = []
-
-    async def attempt(n: int) -> None:
-        try:
-            await store.create(make_key(n, id="key_same"))
-            outcomes.append(True)
-        except ValueError:
-            outcomes.append(False)
-
-    async with anyio.create_task_group() as tg:
-        for n in range(20):
-            tg.start_soon(attempt, n)
-    assert sorted(outcomes) == [False] * 19 + [True]
-    [winner] = await store.list()
-    resolvable = [n for n in range(20) if await store.get_by_hash(f"hash_{n}") is not None]
-    assert [f"hash_{n}" for n in resolvable] == [winner.key_hash]
-
-
-async def test_concurrent_revokes_agree_on_one_time(store: KeyStore) -> None:
-    await store.create(make_key(1))
-    results: list[APIKey | None] = []
-
-    async def revoke(at: int) -> None:
-        results.append(await store.revoke("key_1", at))
-
-    async with anyio.create_task_group() as tg:
-        for at in range(100, 120):
-            tg.start_soon(revoke, at)
-    times = {r.revoked_at for r in results if r is not None}
-    assert len(results) == 20
-    assert len(times) == 1
-    stored = await store.get("key_1")
-    assert stored is not None
-    assert {stored.revoked_at} == times
-
-
-async def test_concurrent_rotations_leave_exactly_one_live_hash(store: KeyStore) -> None:
-    await store.create(make_key(1))
-    async with anyio.create_task_group() as tg:
-        for n in range(10):
-            tg.start_soon(store.rotate, "key_1", f"rot_{n}", f"ozw_{n}")
-    final = await store.get("key_1")
-    assert final is not None
-    live = [n for n in range(10) if await store.get_by_hash(f"rot_{n}") is not None]
-    assert [f"rot_{n}" for n in live] == [final.key_hash]
-    assert await store.get_by_hash("hash_1") is None
-
-
-async def test_a_second_instance_sees_every_write(backend: Backend, store: KeyStore) -> None:
-    if not backend.persistent:
-        pytest.skip(f"{backend.name} is process-local by design")
-    await store.create(FULL)
-    await store.create(MINIMAL)
-    other = backend.open()
-    assert await other.get_by_hash(FULL.key_hash) == FULL
-    assert await other.list() == sorted([FULL, MINIMAL], key=lambda k: (k.created_at, k.id))
-    revoked = await other.revoke(MINIMAL.id, 42)
-    rotated = await other.rotate(FULL.id, "hash_rotated", "ozw_R")
-    third = backend.open()
-    assert await third.get(MINIMAL.id) == revoked
-    assert await third.get_by_hash("hash_rotated") == rotated
-    assert await store.get_by_hash(FULL.key_hash) is None
-    assert await store.get(MINIMAL.id) == revoked
+    @pytest.fixture
+    def key_store_reopen(self, backend: Backend, key_store: KeyStore) -> Callable[[], KeyStore] | None:
+        return backend.open if backend.persistent else None
 
 
 # --- SQL specifics: URL forms, lazy tables, the in-memory database ---------------------------------------------
@@ -392,3 +233,123 @@ async def test_postgres_stores_starting_at_once_both_create_tables(postgres_url:
     finally:
         for s in stores:
             await s.aclose()
+
+
+async def test_an_icu_database_really_sorts_text_otherwise(postgres_icu_url: str) -> None:
+    """What the postgres-icu cases stand on: the database's own order of ids is not Python's."""
+    store = SQLKeyStore.from_url(postgres_icu_url)
+    try:
+        assert await store.get("x") is None  # creates the tables
+        async with store.db.engine.connect() as conn:
+            rows = await conn.exec_driver_sql("SELECT x FROM (VALUES ('key_B'), ('key_a'), ('key__')) t(x) ORDER BY x")
+            assert [r[0] for r in rows] == ["key__", "key_a", "key_B"] != sorted(["key_B", "key_a", "key__"])
+    finally:
+        await store.aclose()
+
+
+async def test_key_pages_on_a_database_that_does_not_sort_bytewise(postgres_icu_url: str) -> None:
+    """The contract's ordering test on a PostgreSQL database collated by ICU (``key__ < key_a < key_A``)."""
+    store = SQLKeyStore.from_url(postgres_icu_url)
+    try:
+        await TestBundledKeyStores().test_list_page_cuts_exactly_as_paginate(store)
+    finally:
+        await store.aclose()
+
+
+# --- storage URLs: one storage per URL, shared by every store on it ---------------------------------------------
+
+
+async def test_open_storage_picks_the_storage(tmp_path: Path, redis_url: str) -> None:
+    from ozwell_asgi.stores.redis import RedisFileStore, RedisKeyStore, RedisStorage
+
+    memory = open_storage("memory://")
+    assert isinstance(memory, MemoryStorage)
+    assert memory.key_store() is memory.key_store()  # one store per storage: the data lives in it
+    for url in (f"sqlite:///{tmp_path / 'a.db'}", "sqlite:///:memory:", "postgres://u@127.0.0.1:1/db"):
+        sql = open_storage(url)
+        assert isinstance(sql, SQLDatabase)
+        keys, files = sql.key_store(), sql.file_store()
+        assert isinstance(keys, SQLKeyStore)
+        assert isinstance(files, SQLFileStore)
+        assert keys.db is files.db is sql  # one engine
+        await sql.aclose()
+    redis = open_storage(" " + redis_url + " ", StorageOptions(redis_prefix="p:", redis_max_file_bytes=1000))
+    assert isinstance(redis, RedisStorage)
+    keys_r, files_r = redis.key_store(), redis.file_store()
+    assert isinstance(keys_r, RedisKeyStore)
+    assert isinstance(files_r, RedisFileStore)
+    assert keys_r.client is files_r.client is redis.client  # one client, one pool
+    assert (keys_r.prefix, files_r.prefix, files_r.max_file_bytes) == ("p:", "p:", 1000)
+    await redis.aclose()
+    for storage in (memory, sql, redis):
+        assert isinstance(storage, Storage)
+
+
+@pytest.mark.parametrize("url", ["mysql://u:secret@h/db", "http://x", "keys.db", "", "file:///tmp/x"])
+def test_open_storage_rejects_unknown_forms_without_echoing_secrets(url: str) -> None:
+    with pytest.raises(ValueError, match="accepted forms") as info:
+        open_storage(url)
+    assert "secret" not in str(info.value)
+    assert "postgresql://" in str(info.value)
+
+
+async def test_storages_open_one_storage_per_url_and_close_each_once(tmp_path: Path) -> None:
+    closed: list[str] = []
+
+    class Counting(MemoryStorage):
+        def __init__(self, url: str) -> None:
+            super().__init__()
+            self.url = url
+
+        async def aclose(self) -> None:
+            closed.append(self.url)
+
+    register_storage("counting", lambda url, options: Counting(url))
+    storages = Storages()
+    a = storages.open("counting://a")
+    assert storages.open(" counting://a") is a
+    assert storages.key_store("counting://a") is a.key_store()
+    assert storages.file_store("counting://a") is a.file_store()
+    b = storages.open("counting://b")
+    assert b is not a
+    assert len(storages) == 2
+    await storages.aclose()
+    await storages.aclose()
+    assert closed == ["counting://b", "counting://a"]
+
+
+async def test_the_app_shares_one_engine_between_keys_and_files_on_one_url(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ozwell.db'}"
+    api = OzwellAPI(key_store=url, file_store=url, secret="s" * 32, key_cache_ttl=0)
+    other = OzwellAPI(key_store=url, file_store=f"sqlite:///{tmp_path / 'files.db'}", secret="s" * 32, key_cache_ttl=0)
+    try:
+        keys, files = api.key_store, api.file_store
+        assert isinstance(keys, SQLKeyStore)
+        assert isinstance(files, SQLFileStore)
+        assert files is api.services.files
+        assert keys.db is files.db  # one engine for both
+        assert isinstance(other.key_store, SQLKeyStore)
+        assert isinstance(other.file_store, SQLFileStore)
+        assert other.file_store.db is not other.key_store.db
+        key, _ = await api.keys.create(name="k", owner="o")
+        assert await other.keys.get(key.id) == key
+    finally:
+        await api.aclose()
+        await other.aclose()
+    assert isinstance(OzwellAPI().file_store, MemoryFileStore)  # files work out of the box, in memory
+    assert OzwellAPI(file_store=None).services.files is None
+
+
+async def test_sqlite_memory_url_shares_one_database_between_keys_and_files() -> None:
+    from ozwell_asgi.testing.contracts import make_file, pieces
+    from ozwell_asgi.types import PageQuery
+
+    storage = open_storage("sqlite:///:memory:")
+    try:
+        keys, files = storage.key_store(), storage.file_store()
+        await keys.create(make_key(1))
+        await files.create(make_file(1), pieces(b"content"))
+        assert [k.id for k in await keys.list()] == ["key_1"]
+        assert [f.id for f in (await files.list("alice", PageQuery())).data] == ["file-1"]
+    finally:
+        await storage.aclose()

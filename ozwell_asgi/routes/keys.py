@@ -2,6 +2,7 @@
 
     POST   /api-keys                  create  -> 201, the key object plus its "secret" (shown this once)
     GET    /api-keys                  list    -> {"object": "list", "data", "has_more", "first_id", "last_id"}
+                                                 (?limit=1..100 (20) &after= &before= &order=asc|desc (asc) &owner=)
     GET    /api-keys/{key_id}         get     -> the key object
     DELETE /api-keys/{key_id}         revoke  -> {"id", "object": "api_key.deleted", "deleted": true}
     POST   /api-keys/{key_id}/rotate  rotate  -> the key object plus its new "secret"
@@ -30,16 +31,19 @@ at once. Secrets and hashes are never in a key object; ``redacted_value`` shows 
 
 from __future__ import annotations
 
+import re
 import time
-from typing import Any
+from typing import Any, Literal
 
+from starlette.datastructures import QueryParams
 from starlette.requests import Request
 
 from ..auth import Grant, at_most
 from ..context import Services
 from ..errors import InvalidRequestError, NotFoundError, PermissionDeniedError
+from ..pages import list_body
 from ..responses import JSONResponse
-from ..types import DEFAULT_SCOPES, SCOPE_ADMIN, SCOPE_ADMIN_GLOBAL, APIKey, Principal
+from ..types import DEFAULT_SCOPES, SCOPE_ADMIN, SCOPE_ADMIN_GLOBAL, APIKey, PageQuery, Principal
 from ..wire.keys import parse_create_key_request
 
 __all__ = [
@@ -49,6 +53,7 @@ __all__ = [
     "key_object",
     "keys_collection",
     "list_keys",
+    "page_query",
     "retrieve_key",
     "rotate_key",
 ]
@@ -58,6 +63,38 @@ Headers = list[tuple[bytes, bytes]]
 # The largest body POST /api-keys accepts: a key's fields with the most model patterns the caps allow fit many
 # times over (413 past it), so a hostile body costs no more than this to parse.
 MAX_KEY_REQUEST_BODY = 1024 * 1024
+
+
+MAX_PAGE_LIMIT = 100
+DEFAULT_PAGE_LIMIT = 20
+_DIGITS = re.compile(r"[0-9]{1,10}")
+
+
+def page_query(params: QueryParams, default_order: Literal["asc", "desc"]) -> PageQuery:
+    """The page a list request asks for: ``limit`` (1 to 100, default 20), ``after`` or ``before`` (an id; empty:
+    none), ``order`` (``asc`` or ``desc``). 400 with ``param`` naming the first bad one."""
+    raw = params.get("limit")
+    limit = DEFAULT_PAGE_LIMIT
+    if raw is not None:
+        if not _DIGITS.fullmatch(raw):
+            raise InvalidRequestError(
+                f"'limit' must be an integer from 1 to {MAX_PAGE_LIMIT}.", param="limit", code="invalid_type"
+            )
+        limit = int(raw)
+        if not 1 <= limit <= MAX_PAGE_LIMIT:
+            raise InvalidRequestError(
+                f"'limit' must be an integer from 1 to {MAX_PAGE_LIMIT}, got {limit}.",
+                param="limit",
+                code="invalid_value",
+            )
+    raw = params.get("order", default_order)
+    if raw not in ("asc", "desc"):
+        raise InvalidRequestError("'order' must be 'asc' or 'desc'.", param="order", code="invalid_value")
+    order: Literal["asc", "desc"] = "asc" if raw == "asc" else "desc"
+    after, before = params.get("after") or None, params.get("before") or None
+    if after is not None and before is not None:
+        raise InvalidRequestError("Give 'after' or 'before', not both.", param="before", code="invalid_value")
+    return PageQuery(limit=limit, after=after, before=before, order=order)
 
 
 def key_object(key: APIKey, secret: str | None = None) -> dict[str, Any]:
@@ -147,14 +184,17 @@ async def create_key(services: Services, request: Request) -> JSONResponse:
 
 
 async def list_keys(services: Services, request: Request) -> JSONResponse:
-    """GET /api-keys[?owner=]: the caller's owner's keys (every owner's, or ``owner``'s, for ``admin:global``)
-    that lie within the caller's grant.
+    """GET /api-keys[?owner=&limit=&after=&before=&order=]: a page of the caller's owner's keys (every owner's, or
+    ``owner``'s, for ``admin:global``) that lie within the caller's grant.
 
-    Ordered by creation time; revoked and expired keys included (see ``status``). A non-global key asking for
-    another owner gets 403.
+    Ordered by creation time, then id (``order``: ``asc`` by default, as OpenAI lists keys); revoked and expired
+    keys included (see ``status``). ``has_more`` says whether more follow; the next page is ``after=last_id``. A
+    cursor naming a key the caller cannot see gives an empty page, as an unknown id does. A non-global key asking
+    for another owner gets 403; a bad ``limit``, ``order`` or cursor pair 400 with ``param``.
     """
     principal, headers = await _admin(services, request)
-    wanted = request.query_params.get("owner")
+    params = request.query_params
+    wanted = params.get("owner")
     if _is_global(principal):
         owner = wanted or None
     else:
@@ -163,17 +203,10 @@ async def list_keys(services: Services, request: Request) -> JSONResponse:
                 f"Listing another owner's keys requires the '{SCOPE_ADMIN_GLOBAL}' scope.", param="owner"
             )
         owner = principal.owner
-    data = [key_object(k) for k in await services.keys.list(owner) if services.keys.manages(principal, k)]
-    return JSONResponse(
-        {
-            "object": "list",
-            "data": data,
-            "has_more": False,
-            "first_id": data[0]["id"] if data else None,
-            "last_id": data[-1]["id"] if data else None,
-        },
-        headers=headers,
-    )
+    query = page_query(params, "asc")
+    keys = services.keys
+    page = await keys.list_page(query, owner, visible=lambda key: keys.manages(principal, key))
+    return JSONResponse(list_body([key_object(k) for k in page.data], page.has_more), headers=headers)
 
 
 async def retrieve_key(services: Services, request: Request) -> JSONResponse:

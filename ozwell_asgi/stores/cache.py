@@ -6,7 +6,7 @@ import time
 from collections import OrderedDict
 
 from ..protocols import KeyStore
-from ..types import APIKey
+from ..types import APIKey, Page, PageQuery
 
 __all__ = ["CachedKeyStore"]
 
@@ -77,6 +77,10 @@ class CachedKeyStore:
     async def list(self, owner: str | None = None) -> list[APIKey]:
         """``inner.list`` (not cached): every key, or every key of ``owner``, by ``created_at`` then ``id``."""
         return await self.inner.list(owner)
+
+    async def list_page(self, query: PageQuery, owner: str | None = None) -> Page[APIKey]:
+        """``inner.list_page`` (not cached)."""
+        return await self.inner.list_page(query, owner)
 
     async def create(self, key: APIKey) -> None:
         """``inner.create``; a cached miss for the new hash is replaced by the key at once."""

@@ -9,11 +9,14 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import AsyncIterable, AsyncIterator
 
+import anyio
+
 from ..errors import PayloadTooLargeError
 from ..pages import paginate
+from ..protocols import ContentStore
 from ..types import APIKey, Page, PageQuery, StoredFile
 
-__all__ = ["MemoryFileStore", "MemoryKeyStore"]
+__all__ = ["MemoryContentStore", "MemoryFileStore", "MemoryKeyStore", "MemoryStorage"]
 
 
 class MemoryKeyStore:
@@ -50,6 +53,10 @@ class MemoryKeyStore:
         keys = self._by_id.values() if owner is None else (k for k in self._by_id.values() if k.owner == owner)
         return sorted(keys, key=lambda k: (k.created_at, k.id))
 
+    async def list_page(self, query: PageQuery, owner: str | None = None) -> Page[APIKey]:
+        """One page of :meth:`list` (:func:`~ozwell_asgi.pages.paginate`; it sorts every key of the scope)."""
+        return paginate(await self.list(owner), query, lambda k: k.id)
+
     async def revoke(self, key_id: str, at: int) -> APIKey | None:
         """Mark the key revoked at ``at`` unless it already is (the first time is kept); ``None`` if unknown."""
         key = self._by_id.get(key_id)
@@ -79,22 +86,28 @@ class MemoryKeyStore:
 
 class MemoryFileStore:
     """A :class:`~ozwell_asgi.protocols.FileStore` in this process's memory: metadata in a dict, content as the
-    list of chunks it arrived in (never joined into one bytes object).
+    list of chunks it arrived in (never joined into one bytes object), or in ``content`` when one is given.
 
     ``create`` stores nothing until the whole content has arrived, so a failed upload leaves nothing; other
     methods are atomic (no suspension point). ``max_total_bytes`` (default 1 GiB) bounds what the store holds: an
     upload that would pass it fails with :class:`~ozwell_asgi.errors.PayloadTooLargeError` and stores nothing.
+    With a ``content`` store, bytes go there under the file id before the metadata appears, and a failed upload
+    removes them; ``max_total_bytes`` then bounds nothing (the content store has its own bounds).
     """
 
-    def __init__(self, *, max_total_bytes: int = 1 << 30) -> None:
+    def __init__(self, *, max_total_bytes: int = 1 << 30, content: ContentStore | None = None) -> None:
         self.max_total_bytes = max_total_bytes
+        self.content = content
         self._files: dict[str, StoredFile] = {}
         self._content: dict[str, tuple[bytes, ...]] = {}
+        self._claimed: set[str] = set()  # ids whose content is being written to ``content``
         self._total = 0
 
     async def create(self, file: StoredFile, content: AsyncIterable[bytes]) -> StoredFile:
-        if file.id in self._files:
+        if file.id in self._files or file.id in self._claimed:
             raise ValueError(f"a file with id {file.id!r} already exists")
+        if self.content is not None:
+            return await self._create_elsewhere(self.content, file, content)
         chunks: list[bytes] = []
         size = 0
         async for chunk in content:
@@ -103,13 +116,30 @@ class MemoryFileStore:
                 if self._total + size > self.max_total_bytes:
                     raise PayloadTooLargeError("The file store is full.", code="file_store_full")
                 chunks.append(bytes(chunk))
-        if file.id in self._files:  # created concurrently while this content arrived
+        if file.id in self._files or file.id in self._claimed:  # created concurrently while this content arrived
             raise ValueError(f"a file with id {file.id!r} already exists")
         stored = dataclasses.replace(file, bytes=size)
         self._files[file.id] = stored
         self._content[file.id] = tuple(chunks)
         self._total += size
         return stored
+
+    async def _create_elsewhere(
+        self, store: ContentStore, file: StoredFile, content: AsyncIterable[bytes]
+    ) -> StoredFile:
+        self._claimed.add(file.id)
+        try:
+            try:
+                size = await store.put(file.id, content)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await store.delete(file.id)
+                raise
+            stored = dataclasses.replace(file, bytes=size)
+            self._files[file.id] = stored
+            return stored
+        finally:
+            self._claimed.discard(file.id)
 
     async def get(self, owner: str, file_id: str) -> StoredFile | None:
         file = self._files.get(file_id)
@@ -125,16 +155,91 @@ class MemoryFileStore:
     async def open(
         self, owner: str, file_id: str, start: int = 0, end: int | None = None
     ) -> AsyncIterator[bytes] | None:
-        if await self.get(owner, file_id) is None:
+        file = await self.get(owner, file_id)
+        if file is None:
             return None
+        if self.content is not None:
+            start, end = max(start, 0), file.bytes if end is None else max(0, min(end, file.bytes))
+            return self.content.get(file_id, start, max(start, end))
         return _slice(self._content[file_id], start, end)
 
     async def delete(self, owner: str, file_id: str) -> bool:
         if await self.get(owner, file_id) is None:
             return False
-        self._total -= self._files.pop(file_id).bytes
-        del self._content[file_id]
+        removed = self._files.pop(file_id)
+        if self.content is None:
+            self._total -= removed.bytes
+            del self._content[file_id]
+        else:
+            await self.content.delete(file_id)
         return True
+
+
+class MemoryContentStore:
+    """A :class:`~ozwell_asgi.protocols.ContentStore` in this process's memory: each key's content as the chunks it
+    arrived in. ``put`` stores nothing until the whole content has arrived; ``max_total_bytes`` (default 1 GiB)
+    bounds what it holds (:class:`~ozwell_asgi.errors.PayloadTooLargeError` past it, and nothing stored)."""
+
+    def __init__(self, *, max_total_bytes: int = 1 << 30) -> None:
+        self.max_total_bytes = max_total_bytes
+        self._content: dict[str, tuple[bytes, ...]] = {}
+        self._total = 0
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._content
+
+    def __len__(self) -> int:
+        return len(self._content)
+
+    async def put(self, key: str, content: AsyncIterable[bytes]) -> int:
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in content:
+            if chunk:
+                size += len(chunk)
+                if self._total + size > self.max_total_bytes:
+                    raise PayloadTooLargeError("The file store is full.", code="file_store_full")
+                chunks.append(bytes(chunk))
+        self._total += size - sum(len(c) for c in self._content.get(key, ()))
+        self._content[key] = tuple(chunks)
+        return size
+
+    def get(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        chunks = self._content.get(key)
+        if chunks is None:
+            return _missing(key)
+        return _slice(chunks, start, end)
+
+    async def delete(self, key: str) -> None:
+        chunks = self._content.pop(key, None)
+        if chunks is not None:
+            self._total -= sum(len(c) for c in chunks)
+
+
+class MemoryStorage:
+    """The ``memory://`` storage: one :class:`MemoryKeyStore` and one :class:`MemoryFileStore` per instance, gone
+    when the process exits. ``file_store(content)`` gives one store per content store."""
+
+    def __init__(self) -> None:
+        self._keys = MemoryKeyStore()
+        self._files: dict[int, MemoryFileStore] = {}
+
+    def key_store(self) -> MemoryKeyStore:
+        return self._keys
+
+    def file_store(self, content: ContentStore | None = None) -> MemoryFileStore:
+        found = self._files.get(id(content))
+        if found is None or found.content is not content:
+            found = self._files[id(content)] = MemoryFileStore(content=content)
+        return found
+
+    async def aclose(self) -> None:
+        """Nothing to close: the data lives as long as this object."""
+
+
+async def _missing(key: str) -> AsyncIterator[bytes]:
+    raise FileNotFoundError(f"no content under {key!r}")
+    yield b""  # pragma: no cover - makes this an async generator
 
 
 async def _slice(chunks: tuple[bytes, ...], start: int, end: int | None) -> AsyncIterator[bytes]:

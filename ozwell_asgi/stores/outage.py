@@ -11,9 +11,10 @@ __all__ = ["unavailable_on"]
 
 
 @contextmanager
-def unavailable_on(*errors: type[BaseException]) -> Iterator[None]:
-    """Turn ``errors`` (a lost connection, a timeout, a locked database) into ``ServiceUnavailableError``."""
+def unavailable_on(*errors: type[BaseException], what: str = "API key store") -> Iterator[None]:
+    """Turn ``errors`` (a lost connection, a timeout, a locked database) into ``ServiceUnavailableError`` naming
+    ``what`` is unavailable."""
     try:
         yield
     except errors as exc:
-        raise ServiceUnavailableError("The API key store is unavailable. Please retry shortly.") from exc
+        raise ServiceUnavailableError(f"The {what} is unavailable. Please retry shortly.") from exc

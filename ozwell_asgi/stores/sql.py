@@ -10,15 +10,20 @@ parameters) whatever the engine, and aiosqlite's DEBUG lines name each operation
 
 Text holding a NUL character, which PostgreSQL cannot store, is never sent: no key has it, so a lookup by it
 finds nothing and a key carrying it is refused with ``ValueError``.
+
+Files (:class:`SQLFileStore`) keep their metadata in ``ozwell_files`` and their content in ``ozwell_file_chunks``
+(rows of ``chunk_size`` bytes, 256 KiB by default), or in a :class:`~ozwell_asgi.protocols.ContentStore`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+import time
+from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
 import anyio
@@ -26,13 +31,30 @@ import sqlalchemy as sa
 from sqlalchemy import event
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, ProgrammingError, StatementError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool
 
-from ..types import APIKey
+from ..errors import ServiceUnavailableError
+from ..protocols import ContentStore
+from ..types import APIKey, Page, PageQuery, StoredFile
 from .outage import unavailable_on
 
-__all__ = ["SQLDatabase", "SQLKeyStore", "api_keys_table", "metadata", "normalize_sql_url"]
+__all__ = [
+    "DEFAULT_CHUNK_SIZE",
+    "FileStoreStatementError",
+    "KeyStoreStatementError",
+    "SQLDatabase",
+    "SQLFileStore",
+    "SQLKeyStore",
+    "api_keys_table",
+    "file_chunks_table",
+    "files_table",
+    "metadata",
+    "normalize_sql_url",
+]
+
+log = logging.getLogger("ozwell_asgi.stores.sql")
 
 #: Every table of every SQL store; ``SQLDatabase`` creates them all at once.
 metadata = sa.MetaData()
@@ -53,6 +75,37 @@ api_keys_table = sa.Table(
     sa.Column("expires_at", sa.BigInteger, nullable=True),
     sa.Column("revoked_at", sa.BigInteger, nullable=True),
     sa.Column("hint", sa.String(255), nullable=False),
+)
+
+# Ids compare byte by byte (PostgreSQL's "C" collation; SQLite's BINARY is that already), so the order of
+# (created_at, id) is the same in every database and in Python, whatever the database's own collation.
+_ID = sa.Text().with_variant(sa.Text(collation="C"), "postgresql")
+
+files_table = sa.Table(
+    "ozwell_files",
+    metadata,
+    sa.Column("id", _ID, primary_key=True),
+    sa.Column("owner", sa.Text, nullable=False),
+    sa.Column("filename", sa.Text, nullable=False),
+    sa.Column("purpose", sa.Text, nullable=False),
+    sa.Column("bytes", sa.BigInteger, nullable=False),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("expires_at", sa.BigInteger, nullable=True),
+    sa.Column("content_type", sa.Text, nullable=False),
+    sa.Column("chunk_size", sa.Integer, nullable=False),  # 0: the content is in a content store
+    sa.Column("state", sa.String(16), nullable=False),  # "ready", or "pending"/"deleting": seen by no read
+    sa.Column("touched_at", sa.BigInteger, nullable=False),  # epoch seconds of the last progress while not ready
+    sa.Index("ix_ozwell_files_owner_order", "owner", "created_at", "id"),
+    sa.Index("ix_ozwell_files_owner_purpose_order", "owner", "purpose", "created_at", "id"),
+    sa.Index("ix_ozwell_files_state", "state", "touched_at"),
+)
+
+file_chunks_table = sa.Table(
+    "ozwell_file_chunks",
+    metadata,
+    sa.Column("file_id", _ID, primary_key=True),
+    sa.Column("seq", sa.Integer, primary_key=True, autoincrement=False),
+    sa.Column("data", sa.LargeBinary, nullable=False),
 )
 
 SQLITE_BUSY_TIMEOUT_MS = 10_000
@@ -111,25 +164,34 @@ def _call_name(call: Any) -> str:
 _AIOSQLITE_FILTER = _OperationNamesOnly()
 
 
-_unavailable_on_outage = functools.partial(unavailable_on, OperationalError, InterfaceError, OSError)
+_OUTAGES = (OperationalError, InterfaceError, PoolTimeoutError, OSError)
 
 
 class KeyStoreStatementError(RuntimeError):
     """A statement of the SQL key store failed; the message names the database's error, never the parameters."""
 
 
+class FileStoreStatementError(RuntimeError):
+    """A statement of the SQL file store failed; the message names the database's error, never the parameters."""
+
+
 @contextmanager
-def _unavailable() -> Iterator[None]:
-    """Outages become the 503 (:func:`unavailable_on`); any other failed statement a
-    :class:`KeyStoreStatementError` without SQLAlchemy's text, whose ``[parameters: ...]`` holds key hashes."""
+def _statement_errors(what: str, store: str, error: type[RuntimeError]) -> Iterator[None]:
+    """Outages (a lost connection, a locked database, an exhausted pool) become the 503 naming ``what``; any other
+    failed statement an ``error`` without SQLAlchemy's text, whose ``[parameters: ...]`` holds key hashes or file
+    bytes."""
     try:
-        with _unavailable_on_outage():
+        with unavailable_on(*_OUTAGES, what=what):
             yield
     except StatementError as exc:
         orig = exc.orig
         code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
         detail = type(orig).__name__ + (f", SQLSTATE {code}" if code else "")
-        raise KeyStoreStatementError(f"the SQL key store's statement failed ({detail})") from None
+        raise error(f"the SQL {store}'s statement failed ({detail})") from None
+
+
+_unavailable = functools.partial(_statement_errors, "API key store", "key store", KeyStoreStatementError)
+_file_errors = functools.partial(_statement_errors, "file store", "file store", FileStoreStatementError)
 
 
 def _has_nul(*values: str | None) -> bool:
@@ -193,10 +255,68 @@ class SQLDatabase:
                     await anyio.sleep(0.05 * (attempt + 1))
             self._ready = True
 
+    @property
+    def is_postgresql(self) -> bool:
+        return self.engine.dialect.name == "postgresql"
+
+    def key_store(self) -> SQLKeyStore:
+        """A key store on this database (sharing its pool; closing it leaves the database open)."""
+        return SQLKeyStore(self)
+
+    def file_store(self, content: ContentStore | None = None, **options: Any) -> SQLFileStore:
+        """A file store on this database (sharing its pool), its content in chunk rows or in ``content``;
+        ``options`` are :class:`SQLFileStore`'s."""
+        return SQLFileStore(self, content=content, **options)
+
     async def aclose(self) -> None:
         """Dispose of the engine's pool if this instance created the engine; otherwise do nothing."""
         if self.owns_engine:
             await self.engine.dispose()
+
+
+def _id_order(column: sa.ColumnElement[Any], db: SQLDatabase) -> sa.ColumnElement[Any]:
+    """``column`` compared byte by byte, as Python compares strings (PostgreSQL's "C" collation)."""
+    return column.collate("C") if db.is_postgresql else column
+
+
+async def _keyset_page(
+    conn: AsyncConnection,
+    db: SQLDatabase,
+    table: sa.Table,
+    filters: Sequence[sa.ColumnElement[bool]],
+    query: PageQuery,
+) -> tuple[list[sa.RowMapping], bool]:
+    """The rows of one page of ``table`` (those matching ``filters``, ordered by ``(created_at, id)``) and whether
+    more follow: :func:`~ozwell_asgi.pages.paginate`'s answer, read with at most two indexed queries of at most
+    ``query.limit + 1`` rows (a keyset on the cursor's ``(created_at, id)``, so concurrent inserts shift nothing)."""
+    t = table
+    ident = _id_order(t.c.id, db)
+    cursor = query.after if query.after is not None else query.before
+    position: sa.ColumnElement[bool] | None = None
+    if cursor is None:
+        ascending = query.order == "asc"
+    else:
+        if _has_nul(cursor):
+            return [], False
+        found = await conn.execute(sa.select(t.c.created_at).where(t.c.id == cursor, *filters))
+        created_at = found.scalar_one_or_none()
+        if created_at is None:
+            return [], False
+        # Read away from the cursor: towards newer items when the page follows it in ascending terms.
+        ascending = (query.after is not None) == (query.order == "asc")
+        here = sa.tuple_(t.c.created_at, ident)
+        mark = sa.tuple_(sa.literal(created_at, sa.BigInteger), sa.literal(cursor, sa.Text))
+        position = here > mark if ascending else here < mark
+    order = (t.c.created_at.asc(), ident.asc()) if ascending else (t.c.created_at.desc(), ident.desc())
+    stmt = sa.select(t).where(*filters).order_by(*order).limit(query.limit + 1)
+    if position is not None:
+        stmt = stmt.where(position)
+    rows = list((await conn.execute(stmt)).mappings().all())
+    more = len(rows) > query.limit
+    del rows[query.limit :]
+    if ascending != (query.order == "asc"):
+        rows.reverse()
+    return rows, more
 
 
 def _key_row(key: APIKey) -> dict[str, Any]:
@@ -302,6 +422,17 @@ class SQLKeyStore:
                 rows = (await conn.execute(query)).mappings().all()
         return [_key_from_row(row) for row in rows]
 
+    async def list_page(self, query: PageQuery, owner: str | None = None) -> Page[APIKey]:
+        """One page of :meth:`list` (:func:`~ozwell_asgi.pages.paginate`'s answer) in at most two indexed queries."""
+        if _has_nul(owner):
+            return Page((), False)
+        filters = [] if owner is None else [self._t.c.owner == owner]
+        with _unavailable():
+            await self.db.ensure_tables()
+            async with self.db.engine.connect() as conn:
+                rows, more = await _keyset_page(conn, self.db, self._t, filters, query)
+        return Page(tuple(_key_from_row(row) for row in rows), more)
+
     async def revoke(self, key_id: str, at: int) -> APIKey | None:
         """Set ``revoked_at`` to ``at`` unless already set (atomic COALESCE; the first time is kept).
 
@@ -339,6 +470,444 @@ class SQLKeyStore:
                     return await self._select_one(conn, t.c.id == key_id)
             except IntegrityError:
                 raise ValueError("an API key with this hash already exists") from None
+
+    async def aclose(self) -> None:
+        """Dispose of the engine if this store created it (``from_url``); a shared database is left open."""
+        if self._owns_db:
+            await self.db.aclose()
+
+
+# --- files ------------------------------------------------------------------------------------------------------
+
+DEFAULT_CHUNK_SIZE = 256 * 1024
+_READ_BATCH_BYTES = 1024 * 1024  # content read per query: a read holds at most this much at once
+_CLEANUP_TIMEOUT = 10.0  # seconds a rollback or the removal of a failed upload may take once the caller is gone
+_SWEEP_EVERY = 60.0  # seconds between two sweeps started by ``create``
+_SWEEP_BATCH = 100  # rows one sweep removes at most
+
+_READY, _PENDING, _DELETING = "ready", "pending", "deleting"
+
+
+async def _quietly(close: Callable[[], Any], what: str) -> None:
+    """Await ``close()`` even in a cancelled task (shielded, at most ``_CLEANUP_TIMEOUT`` s); a failure is logged,
+    so it never hides the error being handled."""
+    with anyio.move_on_after(_CLEANUP_TIMEOUT, shield=True):
+        try:
+            await close()
+        except Exception as exc:
+            log.warning("%s failed: %s", what, type(exc).__name__)
+
+
+@asynccontextmanager
+async def _transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+    """``engine.begin()`` whose rollback and release also run when the task is cancelled (a client gone mid-upload),
+    so a failed transaction never reaches the pool half done. Database errors become the file store's (503 for an
+    outage); errors of the body pass through as they are."""
+    with _file_errors():
+        conn = await engine.connect()
+    try:
+        with _file_errors():
+            transaction = await conn.begin()
+        try:
+            yield conn
+        except BaseException:
+            await _quietly(transaction.rollback, "rolling back a file store transaction")
+            raise
+        with _file_errors():
+            await transaction.commit()
+    finally:
+        await _quietly(conn.close, "releasing a file store connection")
+
+
+def _abandoned() -> ServiceUnavailableError:
+    return ServiceUnavailableError(
+        "The upload made no progress for too long and was abandoned. Please retry.", code="upload_abandoned"
+    )
+
+
+def _file_row(file: StoredFile, *, state: str, chunk_size: int, touched_at: int) -> dict[str, Any]:
+    return {
+        "id": file.id,
+        "owner": file.owner,
+        "filename": file.filename,
+        "purpose": file.purpose,
+        "bytes": 0,
+        "created_at": file.created_at,
+        "expires_at": file.expires_at,
+        "content_type": file.content_type,
+        "chunk_size": chunk_size,
+        "state": state,
+        "touched_at": touched_at,
+    }
+
+
+def _late_fields(file: StoredFile) -> dict[str, Any]:
+    """The fields a caller may still set while the content streams in (FileStore.create keeps the file as it stands
+    when its content ends): written again when the upload is published."""
+    if _has_nul(file.filename, file.purpose, file.content_type):
+        raise ValueError("a file's filename, purpose and content type cannot hold NUL characters")
+    return {
+        "filename": file.filename,
+        "purpose": file.purpose,
+        "expires_at": file.expires_at,
+        "content_type": file.content_type,
+    }
+
+
+def _file_from_row(row: Mapping[Any, Any]) -> StoredFile:
+    return StoredFile(
+        id=row["id"],
+        owner=row["owner"],
+        filename=row["filename"],
+        purpose=row["purpose"],
+        bytes=row["bytes"],
+        created_at=row["created_at"],
+        expires_at=row["expires_at"],
+        content_type=row["content_type"],
+    )
+
+
+class SQLFileStore:
+    """A :class:`~ozwell_asgi.protocols.FileStore` in ``ozwell_files`` (metadata) and ``ozwell_file_chunks``
+    (content in rows of ``chunk_size`` bytes), or with its content in ``content``.
+
+    Guarantees: owner-scoped (another owner's id is an unknown id); content is never held whole: ``create`` holds
+    at most one chunk (plus the piece being received) and a read at most ~1 MiB of chunks at once; ``list`` is
+    ordered by ``(created_at, id)`` and reads one keyset page (two indexed queries), so pages stay stable under
+    concurrent creates; ``create`` is all or nothing:
+
+    - PostgreSQL, content in chunks: the metadata and every chunk are written in one transaction as the content
+      streams in; a failure, a cancelled task or a crash rolls it all back. Each upload in flight holds one pooled
+      connection: size the pool (``pool_size`` + ``max_overflow``) above the uploads you admit at once.
+    - SQLite (one writer at a time: a transaction as long as an upload would stop every other write for as long as
+      the client takes), and any database with a ``content`` store: the id is claimed by a ``pending`` row that no
+      read sees; the chunks (each in its own short transaction) or the content store's bytes follow; one UPDATE
+      publishes the row. A failure or cancellation removes the row and the bytes at once; what a crash leaves is
+      removed by :meth:`sweep` once it has made no progress for ``stale_after`` seconds (uploads in progress renew
+      it as they go).
+
+    ``delete`` hides the row first, then removes chunks (same transaction) or the content store's bytes (then the
+    row); a crash in between is finished by :meth:`sweep`. A file deleted while it is being read makes the read
+    raise ``FileNotFoundError`` rather than end early.
+    """
+
+    def __init__(
+        self,
+        db: SQLDatabase | AsyncEngine,
+        *,
+        content: ContentStore | None = None,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        stale_after: float = 3600.0,
+        clock: Callable[[], float] = time.time,
+        owns_db: bool = False,
+    ) -> None:
+        if not 1 <= chunk_size <= 64 * 1024 * 1024:
+            raise ValueError("chunk_size must be between 1 byte and 64 MiB")
+        if stale_after <= 0:
+            raise ValueError("stale_after must be > 0")
+        self.db = db if isinstance(db, SQLDatabase) else SQLDatabase(db)
+        self.content = content
+        self.chunk_size = chunk_size
+        self.stale_after = stale_after
+        self.clock = clock
+        self._owns_db = owns_db
+        self._t = files_table
+        self._c = file_chunks_table
+        self._next_sweep = 0.0
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str | URL,
+        *,
+        content: ContentStore | None = None,
+        engine_kwargs: Mapping[str, Any] | None = None,
+        **options: Any,
+    ) -> SQLFileStore:
+        """A store owning a new engine for ``url`` (see :func:`normalize_sql_url`); ``aclose`` disposes of it."""
+        return cls(SQLDatabase.from_url(url, **(engine_kwargs or {})), content=content, owns_db=True, **options)
+
+    def _now(self) -> int:
+        return int(self.clock())
+
+    # -- create ---------------------------------------------------------------------------------------------------
+
+    async def create(self, file: StoredFile, content: AsyncIterable[bytes]) -> StoredFile:
+        """Store ``file`` and its ``content``, all or nothing; ``ValueError`` if the id is taken (or a text field
+        holds a NUL character), and then nothing is written. What ``content`` raises is raised as it is."""
+        if _has_nul(file.id, file.owner, file.filename, file.purpose, file.content_type):
+            raise ValueError("a file's id, owner, filename, purpose and content type cannot hold NUL characters")
+        with _file_errors():
+            await self.db.ensure_tables()
+        await self._sweep_if_due()
+        if self.content is None and self.db.is_postgresql:
+            size = await self._create_in_one_transaction(file, content)
+        else:
+            size = await self._create_staged(file, content)
+        return dataclasses.replace(file, bytes=size)
+
+    async def _claim(self, conn: AsyncConnection, row: Mapping[str, Any]) -> None:
+        """Insert the file's row; ``ValueError`` if its id is taken."""
+        with _file_errors():
+            try:
+                await conn.execute(sa.insert(self._t).values(**row))
+            except IntegrityError:
+                raise ValueError(f"a file with id {row['id']!r} already exists") from None
+
+    async def _create_in_one_transaction(self, file: StoredFile, content: AsyncIterable[bytes]) -> int:
+        row = _file_row(file, state=_READY, chunk_size=self.chunk_size, touched_at=self._now())
+        async with _transaction(self.db.engine) as conn:
+            await self._claim(conn, row)
+
+            async def write(seq: int, data: bytes) -> None:
+                with _file_errors():
+                    await conn.execute(sa.insert(self._c).values(file_id=file.id, seq=seq, data=data))
+
+            size = await self._write_chunks(content, write)
+            with _file_errors():
+                final = sa.update(self._t).where(self._t.c.id == file.id)
+                await conn.execute(final.values(bytes=size, **_late_fields(file)))
+        return size
+
+    async def _create_staged(self, file: StoredFile, content: AsyncIterable[bytes]) -> int:
+        chunk_size = 0 if self.content is not None else self.chunk_size
+        row = _file_row(file, state=_PENDING, chunk_size=chunk_size, touched_at=self._now())
+        async with _transaction(self.db.engine) as conn:
+            await self._claim(conn, row)
+        try:
+            if self.content is not None:
+                size = await self.content.put(file.id, self._renewing(file.id, content))
+            else:
+                alive = sa.update(self._t).where(self._t.c.id == file.id, self._t.c.state == _PENDING)
+
+                async def write(seq: int, data: bytes) -> None:
+                    # The claim is renewed with each chunk, in its transaction: a chunk is never written for a row
+                    # the sweep has taken away.
+                    async with _transaction(self.db.engine) as conn:
+                        with _file_errors():
+                            renewed = await conn.execute(alive.values(touched_at=self._now()))
+                            if renewed.rowcount != 1:
+                                raise _abandoned()
+                            await conn.execute(sa.insert(self._c).values(file_id=file.id, seq=seq, data=data))
+
+                size = await self._write_chunks(content, write)
+            async with _transaction(self.db.engine) as conn:
+                published = sa.update(self._t).where(self._t.c.id == file.id, self._t.c.state == _PENDING)
+                with _file_errors():
+                    result = await conn.execute(
+                        published.values(state=_READY, bytes=size, touched_at=self._now(), **_late_fields(file))
+                    )
+                if result.rowcount != 1:
+                    raise _abandoned()
+        except BaseException:
+            await _quietly(lambda: self._remove(file.id, (_PENDING,)), "removing a failed upload")
+            raise
+        return size
+
+    async def _write_chunks(self, content: AsyncIterable[bytes], write: Callable[[int, bytes], Any]) -> int:
+        """Cut ``content`` into rows of ``chunk_size`` bytes, each written by ``write(seq, data)`` as it fills; the
+        number of bytes. Holds at most one chunk plus the piece being received."""
+        size = 0
+        seq = 0
+        chunk_size = self.chunk_size
+        pending = bytearray()
+        async for piece in content:
+            if not piece:
+                continue
+            size += len(piece)
+            pending += piece
+            while len(pending) >= chunk_size:
+                with memoryview(pending) as view:
+                    data = bytes(view[:chunk_size])
+                del pending[:chunk_size]
+                await write(seq, data)
+                seq += 1
+        if pending:
+            await write(seq, bytes(pending))
+        return size
+
+    def _renewal(self, file_id: str) -> Callable[[], Any]:
+        """A coroutine function that marks the pending row ``file_id`` as alive, at most every ``stale_after / 4``
+        seconds; it raises if the row was swept meanwhile."""
+        due = self.clock() + self.stale_after / 4
+
+        async def renew() -> None:
+            nonlocal due
+            if self.clock() < due:
+                return
+            due = self.clock() + self.stale_after / 4
+            async with _transaction(self.db.engine) as conn:
+                alive = sa.update(self._t).where(self._t.c.id == file_id, self._t.c.state == _PENDING)
+                with _file_errors():
+                    result = await conn.execute(alive.values(touched_at=self._now()))
+            if result.rowcount != 1:
+                raise _abandoned()
+
+        return renew
+
+    async def _renewing(self, file_id: str, content: AsyncIterable[bytes]) -> AsyncIterator[bytes]:
+        renew = self._renewal(file_id)
+        async for piece in content:
+            await renew()
+            yield piece
+
+    async def _remove(self, file_id: str, states: Sequence[str]) -> bool:
+        """Remove the row ``file_id`` if its state is one of ``states``, with its chunks (one transaction) and then
+        its content store bytes; whether it was there. A row in another state (an upload published after all) keeps
+        everything."""
+        async with _transaction(self.db.engine) as conn:
+            with _file_errors():
+                result = await conn.execute(
+                    sa.delete(self._t).where(self._t.c.id == file_id, self._t.c.state.in_(states))
+                )
+                if result.rowcount:
+                    await conn.execute(sa.delete(self._c).where(self._c.c.file_id == file_id))
+        if result.rowcount and self.content is not None:
+            await self.content.delete(file_id)
+        return bool(result.rowcount)
+
+    # -- sweeping what a crash left -----------------------------------------------------------------------------
+
+    async def _sweep_if_due(self) -> None:
+        now = self.clock()
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + _SWEEP_EVERY
+        try:
+            await self.sweep()
+        except Exception as exc:  # the upload itself still goes ahead (or fails on its own)
+            log.warning("sweeping abandoned uploads failed: %s", type(exc).__name__)
+
+    async def sweep(self) -> int:
+        """Remove what crashed uploads and deletions left: rows not ``ready`` untouched for ``stale_after``
+        seconds, with their chunks and content store bytes (at most 100 per call); how many were removed.
+        ``create`` calls it at most once a minute."""
+        threshold = self._now() - self.stale_after
+        t = self._t
+        stale = sa.select(t.c.id).where(t.c.state != _READY, t.c.touched_at < threshold).limit(_SWEEP_BATCH)
+        with _file_errors():
+            await self.db.ensure_tables()
+            async with self.db.engine.connect() as conn:
+                ids = list((await conn.execute(stale)).scalars().all())
+        removed = 0
+        for file_id in ids:
+            async with _transaction(self.db.engine) as conn:
+                claim = sa.delete(t).where(t.c.id == file_id, t.c.state != _READY, t.c.touched_at < threshold)
+                with _file_errors():
+                    result = await conn.execute(claim)
+                    if result.rowcount:
+                        await conn.execute(sa.delete(self._c).where(self._c.c.file_id == file_id))
+            if result.rowcount:
+                removed += 1
+                if self.content is not None:
+                    await self.content.delete(file_id)
+        return removed
+
+    # -- reads ----------------------------------------------------------------------------------------------------
+
+    async def _ready_row(self, owner: str, file_id: str) -> Mapping[Any, Any] | None:
+        if _has_nul(owner, file_id):
+            return None
+        t = self._t
+        with _file_errors():
+            await self.db.ensure_tables()
+            async with self.db.engine.connect() as conn:
+                found = await conn.execute(
+                    sa.select(t).where(t.c.id == file_id, t.c.owner == owner, t.c.state == _READY)
+                )
+                return found.mappings().first()
+
+    async def get(self, owner: str, file_id: str) -> StoredFile | None:
+        """The file ``file_id`` of ``owner``, or ``None`` (one indexed SELECT)."""
+        row = await self._ready_row(owner, file_id)
+        return None if row is None else _file_from_row(row)
+
+    async def list(self, owner: str, query: PageQuery, purpose: str | None = None) -> Page[StoredFile]:
+        """One page of ``owner``'s files (of ``purpose``, if given): :func:`~ozwell_asgi.pages.paginate`'s answer."""
+        if _has_nul(owner, purpose):
+            return Page((), False)
+        t = self._t
+        filters = [t.c.owner == owner, t.c.state == _READY]
+        if purpose is not None:
+            filters.append(t.c.purpose == purpose)
+        with _file_errors():
+            await self.db.ensure_tables()
+            async with self.db.engine.connect() as conn:
+                rows, more = await _keyset_page(conn, self.db, t, filters, query)
+        return Page(tuple(_file_from_row(row) for row in rows), more)
+
+    async def open(
+        self, owner: str, file_id: str, start: int = 0, end: int | None = None
+    ) -> AsyncIterator[bytes] | None:
+        """The bytes ``[start, end)`` of ``owner``'s file, read as they are sent (at most ~1 MiB per query), or
+        ``None`` if there is no such file."""
+        row = await self._ready_row(owner, file_id)
+        if row is None:
+            return None
+        size = row["bytes"]
+        start = min(max(start, 0), size)
+        end = size if end is None else min(max(end, start), size)
+        if row["chunk_size"] == 0:
+            if self.content is None:
+                raise RuntimeError(f"the content of file {file_id!r} is in a content store this file store lacks")
+            return self.content.get(file_id, start, end)
+        return self._read_chunks(file_id, row["chunk_size"], start, end)
+
+    async def _read_chunks(self, file_id: str, chunk_size: int, start: int, end: int) -> AsyncIterator[bytes]:
+        if start >= end:
+            return
+        c = self._c
+        first, last = start // chunk_size, (end - 1) // chunk_size
+        batch = max(1, _READ_BATCH_BYTES // chunk_size)
+        for low in range(first, last + 1, batch):
+            high = min(low + batch - 1, last)
+            stmt = (
+                sa.select(c.c.seq, c.c.data)
+                .where(c.c.file_id == file_id, c.c.seq >= low, c.c.seq <= high)
+                .order_by(c.c.seq)
+            )
+            with _file_errors():
+                async with self.db.engine.connect() as conn:
+                    rows = (await conn.execute(stmt)).all()
+            if [row[0] for row in rows] != list(range(low, high + 1)):
+                raise FileNotFoundError(f"the file {file_id!r} was deleted while it was read")
+            for seq, data in rows:
+                offset = seq * chunk_size
+                lo, hi = max(start - offset, 0), min(end - offset, len(data))
+                yield data if lo == 0 and hi == len(data) else data[lo:hi]
+            del rows
+
+    # -- delete ---------------------------------------------------------------------------------------------------
+
+    async def delete(self, owner: str, file_id: str) -> bool:
+        """Remove ``owner``'s file and its content; ``False`` if there was no such file. Of concurrent deletes of
+        one file, exactly one returns ``True``."""
+        if _has_nul(owner, file_id):
+            return False
+        t = self._t
+        mine = sa.and_(t.c.id == file_id, t.c.owner == owner, t.c.state == _READY)
+        with _file_errors():
+            await self.db.ensure_tables()
+        async with _transaction(self.db.engine) as conn:
+            with _file_errors():
+                # Writes only, no read first: a SQLite transaction that read before writing cannot wait for the
+                # write lock (it would fail at once when another writer got in between).
+                removed = await conn.execute(sa.delete(t).where(mine, t.c.chunk_size > 0))
+                if removed.rowcount:
+                    await conn.execute(sa.delete(self._c).where(self._c.c.file_id == file_id))
+                    return True
+                # Content elsewhere: hide the row (sweepable at once), then remove the bytes, then the row.
+                hidden = await conn.execute(
+                    sa.update(t).where(mine, t.c.chunk_size == 0).values(state=_DELETING, touched_at=0)
+                )
+        if not hidden.rowcount:
+            return False
+        if self.content is not None:
+            await self.content.delete(file_id)
+            async with _transaction(self.db.engine) as conn:
+                with _file_errors():
+                    await conn.execute(sa.delete(t).where(t.c.id == file_id, t.c.state == _DELETING))
+        return True
 
     async def aclose(self) -> None:
         """Dispose of the engine if this store created it (``from_url``); a shared database is left open."""

@@ -1,15 +1,34 @@
-"""Pick a bundled store from a URL (configuration, the CLI)."""
+"""Storage by URL: one connection (engine, pool, client) per storage URL, shared by every store kind on it.
+
+:func:`open_storage` picks the storage for a URL's scheme from a registry (as ``limits``' ``storage_from_string``
+does); the object it returns makes the stores: ``.key_store()``, ``.file_store(content=None)``. So
+``sqlite:///ozwell.db`` for keys and files is one engine, and ``postgresql://…`` one pool per process.
+:class:`Storages` keeps one storage per URL for an app (``OzwellAPI`` and ``serve`` use it) and closes each once.
+"""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
-from ..protocols import KeyStore
+from ..protocols import ContentStore, FileStore, KeyStore
 
-__all__ = ["KEY_STORE_URL_FORMS", "create_private_sqlite_file", "key_store_from_url"]
+__all__ = [
+    "KEY_STORE_URL_FORMS",
+    "STORAGE_URL_FORMS",
+    "Storage",
+    "StorageOptions",
+    "Storages",
+    "create_private_sqlite_file",
+    "key_store_from_url",
+    "open_storage",
+    "register_storage",
+]
 
-KEY_STORE_URL_FORMS = (
+STORAGE_URL_FORMS = (
     "memory://",
     "sqlite:///relative/path.db",
     "sqlite:////absolute/path.db",
@@ -21,6 +40,7 @@ KEY_STORE_URL_FORMS = (
     "redis://host:port/db",
     "rediss://host:port/db",
 )
+KEY_STORE_URL_FORMS = STORAGE_URL_FORMS
 
 _SQL_SCHEMES = frozenset({"sqlite", "sqlite+aiosqlite", "postgres", "postgresql", "postgresql+asyncpg"})
 _REDIS_SCHEMES = frozenset({"redis", "rediss"})
@@ -56,17 +76,133 @@ def create_private_sqlite_file(url: str) -> Path | None:
     return path
 
 
+@runtime_checkable
+class Storage(Protocol):
+    """One storage (a database, a Redis server, this process's memory) and the stores on it, which share its
+    connections. Stores it makes do not own it: :meth:`aclose` closes the storage, once, for all of them."""
+
+    def key_store(self) -> KeyStore: ...
+
+    def file_store(self, content: ContentStore | None = None) -> FileStore:
+        """File metadata here, content here too (``None``) or in ``content``."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class StorageOptions:
+    """Settings of the bundled storages that a URL does not carry.
+
+    ``redis_prefix``: the prefix of every Redis key the stores write (keys and files alike).
+    ``redis_max_file_bytes``: the largest file whose content a Redis file store keeps (413 past it).
+    """
+
+    redis_prefix: str = "ozwell:"
+    redis_max_file_bytes: int = 64 * 1024 * 1024
+
+
+StorageFactory = Callable[[str, StorageOptions], Storage]
+
+_REGISTRY: dict[str, StorageFactory] = {}
+
+
+def register_storage(scheme: str, factory: StorageFactory) -> None:
+    """Make :func:`open_storage` open URLs of ``scheme`` (case-insensitive) with ``factory(url, options)``; a host's
+    own scheme, or a replacement for a bundled one."""
+    _REGISTRY[scheme.lower()] = factory
+
+
+def _memory(url: str, options: StorageOptions) -> Storage:
+    from .memory import MemoryStorage
+
+    return MemoryStorage()
+
+
+def _sql(url: str, options: StorageOptions) -> Storage:
+    from .sql import SQLDatabase
+
+    return SQLDatabase.from_url(url)
+
+
+def _redis(url: str, options: StorageOptions) -> Storage:
+    from .redis import RedisStorage
+
+    return RedisStorage.from_url(url, prefix=options.redis_prefix, max_file_bytes=options.redis_max_file_bytes)
+
+
+register_storage("memory", _memory)
+for _scheme in _SQL_SCHEMES:
+    register_storage(_scheme, _sql)
+for _scheme in _REDIS_SCHEMES:
+    register_storage(_scheme, _redis)
+
+
+def _scheme_of(url: str) -> str:
+    scheme, sep, _ = url.partition("://")
+    return scheme.lower() if sep else ""
+
+
+def _unsupported(scheme: str, what: str) -> ValueError:
+    shown = f"scheme {scheme!r}" if scheme else "a URL without a scheme"  # never echo the URL: it may hold a password
+    forms = ", ".join(STORAGE_URL_FORMS)
+    return ValueError(f"unsupported {what} URL ({shown}); accepted forms: {forms}")
+
+
+def open_storage(url: str, options: StorageOptions | None = None) -> Storage:
+    """A new storage for ``url`` (``ValueError`` for an unknown scheme). Nothing connects yet: connections and
+    tables are made on first use. Call ``aclose`` when done."""
+    url = url.strip()
+    scheme = _scheme_of(url)
+    factory = _REGISTRY.get(scheme)
+    if factory is None:
+        raise _unsupported(scheme, "storage")
+    return factory(url, options or StorageOptions())
+
+
+class Storages:
+    """One storage per URL, opened on first use: what an app holds, so keys and files on one URL share one engine
+    or client. URLs are compared as given (surrounding spaces aside). :meth:`aclose` closes each storage once."""
+
+    def __init__(self, options: StorageOptions | None = None) -> None:
+        self.options = options or StorageOptions()
+        self._open: dict[str, Storage] = {}
+
+    def open(self, url: str) -> Storage:
+        """The storage for ``url``: the one already open, or a new one (``ValueError`` for an unknown scheme)."""
+        url = url.strip()
+        storage = self._open.get(url)
+        if storage is None:
+            storage = self._open[url] = open_storage(url, self.options)
+        return storage
+
+    def key_store(self, url: str) -> KeyStore:
+        return self.open(url).key_store()
+
+    def file_store(self, url: str, content: ContentStore | None = None) -> FileStore:
+        """The file store on ``url``, its content there too or in ``content``."""
+        return self.open(url).file_store(content)
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    async def aclose(self) -> None:
+        """Close every storage opened here, once; later calls do nothing."""
+        opened, self._open = list(self._open.values()), {}
+        for storage in reversed(opened):
+            await storage.aclose()
+
+
 def key_store_from_url(url: str, *, redis_prefix: str = "ozwell:") -> KeyStore:
-    """A new key store for ``url`` (it owns its engine or client: call ``aclose`` when done).
+    """A new key store for ``url`` that owns its engine or client (call ``aclose`` when done): for one-off use,
+    such as a CLI command. An app sharing one storage between stores uses :class:`Storages` instead.
 
     ``memory://`` is process-local; ``sqlite``/``postgres`` URLs give a :class:`SQLKeyStore`; ``redis``/``rediss``
     a :class:`RedisKeyStore` under ``redis_prefix``. ``ValueError`` for any other form. Nothing connects yet:
     tables and connections are made on first use.
     """
-    scheme, sep, _ = url.strip().partition("://")
-    scheme = scheme.lower()
-    if not sep:
-        scheme = ""
+    url = url.strip()
+    scheme = _scheme_of(url)
     if scheme == "memory":
         from .memory import MemoryKeyStore
 
@@ -74,10 +210,9 @@ def key_store_from_url(url: str, *, redis_prefix: str = "ozwell:") -> KeyStore:
     if scheme in _SQL_SCHEMES:
         from .sql import SQLKeyStore
 
-        return SQLKeyStore.from_url(url.strip())
+        return SQLKeyStore.from_url(url)
     if scheme in _REDIS_SCHEMES:
         from .redis import RedisKeyStore
 
-        return RedisKeyStore.from_url(url.strip(), prefix=redis_prefix)
-    shown = f"scheme {scheme!r}" if scheme else "a URL without a scheme"  # never echo the URL: it may hold a password
-    raise ValueError(f"unsupported key store URL ({shown}); accepted forms: {', '.join(KEY_STORE_URL_FORMS)}")
+        return RedisKeyStore.from_url(url, prefix=redis_prefix)
+    raise _unsupported(scheme, "key store")
