@@ -40,6 +40,7 @@ from .types import (
     ToolCall,
     ToolCallDelta,
     Usage,
+    UsageEvent,
 )
 
 __version__ = "0.1.0"
@@ -89,5 +90,6 @@ __all__ = [
     "ToolCall",
     "ToolCallDelta",
     "Usage",
+    "UsageEvent",
     "function_backend",
 ]

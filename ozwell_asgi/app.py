@@ -29,6 +29,7 @@ from .backends import capabilities
 from .backends.echo import EchoBackend
 from .context import Services, Settings
 from .errors import MethodNotAllowedError, NotFoundError, OzwellError, internal_error
+from .meter import UsageSink
 from .protocols import ChatBackend, EmbeddingBackend, FileStore, KeyStore, RateLimiter
 from .ratelimit import DEFAULT_PLANS, LimitsRateLimiter, Plan
 from .responses import error_response
@@ -158,6 +159,10 @@ class OzwellAPI:
     one is made for ``memory://``). ``key_cache_ttl`` bounds how long another process may still accept a key
     revoked elsewhere (0 disables the cache). Adapters built here from URLs are closed by :meth:`aclose`.
 
+    ``on_usage`` is called with a :class:`~ozwell_asgi.types.UsageEvent` for every billable call (chat,
+    embeddings) when its meter settles: key, owner, endpoint, model, status, tokens, latency. It runs on the request
+    path, so it must be quick and must not block (append to a queue); an exception in it is logged, never sent.
+
     ``file_store`` keeps the files of ``/files`` (any :class:`~ozwell_asgi.protocols.FileStore`, or a URL); by default
     ``memory://``, a :class:`~ozwell_asgi.stores.memory.MemoryFileStore` (this process's memory, 1 GiB in all).
     """
@@ -175,6 +180,7 @@ class OzwellAPI:
         on_limiter_error: str = "closed",
         settings: Settings | None = None,
         tokenizer: Tokenizer | None = None,
+        on_usage: UsageSink | None = None,
     ) -> None:
         if on_limiter_error not in ("closed", "open"):
             raise ValueError("on_limiter_error must be 'closed' or 'open'")
@@ -224,6 +230,7 @@ class OzwellAPI:
             settings=settings,
             plans=plans,
             files=file_store,
+            on_usage=on_usage,
         )
         has = {
             "chat": served.chat is not None,

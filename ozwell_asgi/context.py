@@ -12,7 +12,7 @@ from starlette.requests import Request
 from .auth import Authenticator, KeyManager, model_allowed, require_scope
 from .bodies import header, read_json_body
 from .errors import NotFoundError, PermissionDeniedError
-from .meter import Meter
+from .meter import Meter, UsageSink
 from .protocols import ChatBackend, CompletesChat, EmbeddingBackend, FileStore, ModelCatalog, RateLimiter
 from .ratelimit import Plan, rate_limit_header_bytes
 from .tokens import Tokenizer
@@ -95,6 +95,7 @@ class Services:
     settings: Settings
     plans: Mapping[str, Plan]
     files: FileStore | None = None  # the owner-scoped file store; None: the app serves no /files routes
+    on_usage: UsageSink | None = None  # called with each billable call's UsageEvent when its meter settles
 
     async def authenticate(self, request: Request, scope: str, *alternatives: str) -> Principal:
         """The caller, who must hold ``scope`` (or one of ``alternatives``); raises 401/403 in the envelope."""
@@ -118,9 +119,11 @@ class Services:
             max_tokens=max_tokens,
         )
 
-    async def meter(self, principal: Principal) -> Meter:
+    async def meter(self, principal: Principal, request: Request, endpoint: CallEndpoint) -> Meter:
         """Admit one billable call for ``principal`` before its body is read (429 if its budgets are spent)."""
-        return await Meter.admit(self.limiter, principal)
+        return await Meter.admit(
+            self.limiter, principal, endpoint=endpoint, request_id=self.request_id(request), sink=self.on_usage
+        )
 
     async def read_json(self, request: Request, cap: int | None = None) -> bytes:
         """The request's JSON body within a size cap (413; the settings' ``max_body_size``, or a route's smaller

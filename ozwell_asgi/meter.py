@@ -14,14 +14,27 @@ a call is never charged more than it reserved (the reservation is the bound on w
 from __future__ import annotations
 
 import logging
+import time
+from collections.abc import Callable
 
 import anyio
 
+from .errors import OzwellError
 from .protocols import RateLimiter
 from .ratelimit import rate_limit_header_bytes
-from .types import Principal, Reservation
+from .types import Principal, Reservation, Usage, UsageEvent
 
-__all__ = ["Meter"]
+__all__ = ["Meter", "UsageSink", "status_of"]
+
+UsageSink = Callable[[UsageEvent], None]
+
+
+def status_of(exc: BaseException) -> int:
+    """The status a call failing with ``exc`` answers: its error's, 499 when cancelled (the client left), else 500."""
+    if isinstance(exc, OzwellError):
+        return exc.status
+    return 499 if isinstance(exc, anyio.get_cancelled_exc_class()) else 500
+
 
 log = logging.getLogger("ozwell_asgi")
 
@@ -33,17 +46,41 @@ TOKEN_FLOOR = 1
 class Meter:
     """The reservation of one billable call. Build it with :meth:`admit` (``Services.meter`` does)."""
 
-    __slots__ = ("_limiter", "_settled", "reservation")
+    __slots__ = ("_limiter", "_settled", "_sink", "_started", "endpoint", "principal", "request_id", "reservation")
 
-    def __init__(self, limiter: RateLimiter, reservation: Reservation) -> None:
+    def __init__(
+        self,
+        limiter: RateLimiter,
+        reservation: Reservation,
+        principal: Principal,
+        *,
+        endpoint: str = "",
+        request_id: str = "",
+        sink: UsageSink | None = None,
+    ) -> None:
         self._limiter = limiter
         self._settled = False
+        self._sink = sink
+        self._started = time.perf_counter()
         self.reservation = reservation
+        self.principal = principal
+        self.endpoint = endpoint
+        self.request_id = request_id
 
     @classmethod
-    async def admit(cls, limiter: RateLimiter, principal: Principal, floor: int = TOKEN_FLOOR) -> Meter:
+    async def admit(
+        cls,
+        limiter: RateLimiter,
+        principal: Principal,
+        floor: int = TOKEN_FLOOR,
+        *,
+        endpoint: str = "",
+        request_id: str = "",
+        sink: UsageSink | None = None,
+    ) -> Meter:
         """Take one request and ``floor`` tokens on ``principal``'s limits, or raise 429 (or 503) taking nothing."""
-        return cls(limiter, await limiter.reserve(principal.key_id, principal.quota, floor))
+        reservation = await limiter.reserve(principal.key_id, principal.quota, floor)
+        return cls(limiter, reservation, principal, endpoint=endpoint, request_id=request_id, sink=sink)
 
     @property
     def reserved(self) -> int:
@@ -62,8 +99,17 @@ class Meter:
         """The rate-limit headers as they stand now (ASGI pairs)."""
         return rate_limit_header_bytes(self.reservation)
 
-    async def settle(self, used: int, *, shield: bool = True) -> None:
-        """Charge ``used`` tokens (at most what was reserved) instead of the reservation; once; never raises.
+    async def settle(
+        self,
+        used: int,
+        *,
+        shield: bool = True,
+        usage: Usage | None = None,
+        model: str | None = None,
+        status: int = 200,
+    ) -> None:
+        """Charge ``used`` tokens (at most what was reserved) instead of the reservation; once; never raises. Then
+        the usage event (``usage`` split into prompt and completion when known) goes to the sink, if any.
 
         ``shield`` (the default) lets it finish while the call is being cancelled (a client gone mid-stream); the
         last step of a plain completion skips that cost."""
@@ -71,11 +117,33 @@ class Meter:
             return
         if shield:
             with anyio.CancelScope(shield=True):
-                await self.settle(used, shield=False)
+                await self.settle(used, shield=False, usage=usage, model=model, status=status)
             return
         self._settled = True
         reservation = self.reservation
+        charged = min(max(used, 0), reservation.tokens_reserved)
         try:
-            await self._limiter.settle(reservation, min(max(used, 0), reservation.tokens_reserved))
+            await self._limiter.settle(reservation, charged)
         except Exception:  # settling must never turn an answer into an error
             log.exception("rate limiter settle failed")
+        if self._sink is not None:
+            self._emit(used, usage, model, status, charged)
+
+    def _emit(self, used: int, usage: Usage | None, model: str | None, status: int, charged: int) -> None:
+        principal = self.principal
+        event = UsageEvent(
+            request_id=self.request_id,
+            key_id=principal.key_id,
+            owner=principal.owner,
+            endpoint=self.endpoint,
+            model=model,
+            status=status,
+            prompt_tokens=usage.prompt_tokens if usage is not None else max(used, 0),
+            completion_tokens=usage.completion_tokens if usage is not None else 0,
+            charged=charged,
+            latency_ms=(time.perf_counter() - self._started) * 1000,
+        )
+        try:
+            self._sink(event)  # type: ignore[misc]
+        except Exception:  # a failing hook never breaks an answer
+            log.exception("usage hook failed")

@@ -19,6 +19,7 @@ __all__ = [
     "Page",
     "PageQuery",
     "StoredFile",
+    "UsageEvent",
     "ASGIApp",
     "AssistantMessage",
     "ChatChoice",
@@ -302,3 +303,23 @@ class StoredFile:
     created_at: int = 0
     expires_at: int | None = None
     content_type: str = "application/octet-stream"
+
+
+@dataclass(frozen=True, slots=True)
+class UsageEvent:
+    """What one billable call used, emitted once when its meter settles (``OzwellAPI(on_usage=...)``).
+
+    ``status`` is the HTTP status the call answered with (499 when the client went away first); ``charged`` the
+    tokens taken from the key's budget (at most what was reserved); ``latency_ms`` from admission to settlement.
+    """
+
+    request_id: str
+    key_id: str
+    owner: str
+    endpoint: str
+    model: str | None
+    status: int
+    prompt_tokens: int
+    completion_tokens: int
+    charged: int
+    latency_ms: float

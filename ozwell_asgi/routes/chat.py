@@ -19,7 +19,7 @@ from starlette.requests import Request
 from ..backends._aggregate import collect_chat
 from ..context import Services, Settings
 from ..errors import InvalidRequestError, OzwellError, as_ozwell_error, error_body
-from ..meter import Meter
+from ..meter import Meter, status_of
 from ..protocols import ChatBackend
 from ..responses import JSONResponse
 from ..sse import DONE, PING, SSEResponse, event
@@ -126,7 +126,7 @@ def _delta(chunk: ChatChunk) -> dict[str, Any]:
 async def create_chat_completion(services: Services, request: Request) -> Any:
     started = time.time()
     principal = await services.authenticate(request, SCOPE_API)
-    meter = await services.meter(principal)  # a spent key is refused here, before its body is read
+    meter = await services.meter(principal, request, "chat.completions")  # a spent key is refused before its body
     try:
         chat, prompt_estimate = await _read_request(services, principal, request)
         # The reservation bounds the generation: a request without max tokens is generated to the default reserve.
@@ -134,8 +134,8 @@ async def create_chat_completion(services: Services, request: Request) -> Any:
         if bound is None:
             bound = chat.max_completion_tokens = services.settings.default_completion_reserve
         await meter.reserve(prompt_estimate + bound * chat.choice_count)
-    except BaseException:
-        await meter.settle(0)
+    except BaseException as exc:
+        await meter.settle(0, status=status_of(exc))
         raise
     headers = meter.headers
     backend: ChatBackend = services.chat  # type: ignore[assignment]  # the route exists only if it chats
@@ -150,11 +150,11 @@ async def create_chat_completion(services: Services, request: Request) -> Any:
                 result = await services.completes.complete_chat(chat, call)
             else:
                 result = await collect_chat(backend.stream_chat(chat, call))
-        except BaseException:
-            await meter.settle(0)
+        except BaseException as exc:
+            await meter.settle(0, status=status_of(exc), model=model)
             raise
         usage = result.usage or _count_usage(services, chat, result, prompt_estimate)
-        await meter.settle(usage.total_tokens, shield=False)
+        await meter.settle(usage.total_tokens, shield=False, usage=usage, model=result.model or model)
         return JSONResponse(render_completion(result, completion_id, created, model, usage), headers=headers)
 
     stream = backend.stream_chat(chat, call)
@@ -173,9 +173,9 @@ async def create_chat_completion(services: Services, request: Request) -> Any:
             first = waiting.result() if waiting.done() else waiting
         else:
             first = await anext(stream, None)
-    except BaseException:
+    except BaseException as exc:
         await _aclose(stream)
-        await meter.settle(0)
+        await meter.settle(0, status=status_of(exc), model=model)
         raise
     frames = _frames(services, chat, stream, first, meter, completion_id, created, prompt_estimate)
     return SSEResponse(frames, headers)
@@ -338,14 +338,20 @@ async def _frames(
         if include_usage:
             yield event(to_json({**prefix, "choices": [], "usage": usage_dict(final)}))
         yield DONE
-        await meter.settle(final.total_tokens)
+        await meter.settle(final.total_tokens, usage=final, model=prefix["model"])
     except Exception as exc:
         if not isinstance(exc, OzwellError):
             log.exception("backend failed mid-stream")
-        await meter.settle(prompt_estimate + counted)
+        await meter.settle(
+            prompt_estimate + counted,
+            usage=Usage(prompt_estimate, counted),
+            model=prefix["model"],
+            status=status_of(exc),
+        )
         yield event(error_body(as_ozwell_error(exc)))
     except BaseException:  # cancelled: the client went away
-        await meter.settle(usage.total_tokens if usage else prompt_estimate + counted)
+        spent = usage or Usage(prompt_estimate, counted)
+        await meter.settle(spent.total_tokens, usage=spent, model=prefix["model"], status=499)
         raise
     finally:
         if isinstance(first, asyncio.Future) and not first.done():

@@ -14,10 +14,11 @@ from starlette.requests import Request
 
 from ..context import Services
 from ..errors import BadGatewayError, InvalidRequestError
+from ..meter import status_of
 from ..protocols import EmbeddingBackend
 from ..responses import JSONResponse
 from ..tokens import Tokenizer
-from ..types import SCOPE_API, Call
+from ..types import SCOPE_API, Call, Usage
 from ..wire.embeddings import EmbeddingRequest, parse_embedding_request
 
 __all__ = ["MAX_INPUT_TOKENS", "MAX_REQUEST_TOKENS", "create_embedding", "encode_vector"]
@@ -73,23 +74,28 @@ async def _read_request(services: Services, request: Request) -> tuple[Embedding
 
 async def create_embedding(services: Services, request: Request) -> JSONResponse:
     principal = await services.authenticate(request, SCOPE_API)
-    meter = await services.meter(principal)  # a spent key is refused here, before its body is read
+    meter = await services.meter(principal, request, "embeddings")  # a spent key is refused before its body
     try:
         embedding, inputs, tokens = await _read_request(services, request)
         await services.find_model(principal, embedding.model, "embedding")
         await meter.reserve(tokens)
-    except BaseException:
-        await meter.settle(0)
+    except BaseException as exc:
+        await meter.settle(0, status=status_of(exc))
         raise
     headers = meter.headers
     backend: EmbeddingBackend = services.embeddings  # type: ignore[assignment]  # the route exists only if it embeds
     call = Call(request_id=services.request_id(request), principal=principal, endpoint="embeddings")
     try:
         result = await backend.embed(embedding, call)
-    except BaseException:
-        await meter.settle(0)
+    except BaseException as exc:
+        await meter.settle(0, status=status_of(exc), model=embedding.model)
         raise
-    await meter.settle(result.prompt_tokens, shield=False)
+    await meter.settle(
+        result.prompt_tokens,
+        shield=False,
+        usage=Usage(result.prompt_tokens, 0),
+        model=result.model or embedding.model,
+    )
     vectors = result.vectors
     if len(vectors) != len(inputs):
         raise BadGatewayError(f"The model returned {len(vectors)} embeddings for {len(inputs)} inputs.")
