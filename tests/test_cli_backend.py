@@ -315,6 +315,7 @@ def test_a_single_worker_closes_its_backend_at_shutdown(module_dir: Path, tmp_pa
         ("os:getcwd", "--backend: str is not a model backend"),
         ("missing.toml", "--backend: router file 'missing.toml'"),
         ("bad.toml", "backends.a: unknown backend 'vllm'"),
+        ("password.toml", "backends.a: 'http://u:***@127.0.0.1:9/v1': write an OpenAI-compatible server as"),
     ],
 )
 def test_bad_specs_exit_2_with_one_line(
@@ -327,6 +328,7 @@ def test_bad_specs_exit_2_with_one_line(
 ) -> None:
     monkeypatch.syspath_prepend(str(module_dir))
     (tmp_path / "bad.toml").write_text("[backends]\na = 'vllm'\n")
+    (tmp_path / "password.toml").write_text("[backends]\na = 'http://u:hunter2@127.0.0.1:9/v1'\n")
     code = main(["serve", "--backend", spec])
     err = capsys.readouterr().err
     lines = err.strip().splitlines()

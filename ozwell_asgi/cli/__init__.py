@@ -29,7 +29,8 @@ from collections.abc import Callable
 from .errors import PROG, CLIError, Parser, first_line
 from .keys import add_keys_command
 from .secret import resolve_secret
-from .serve import _ServedApp, add_serve_command, app_from_env, build_app, build_backend
+from .serve import _ServedApp as _ServedApp
+from .serve import add_serve_command, app_from_env, build_app, build_backend
 from .settings import SERVE_SETTINGS, ConnectionLimits, ServeConfig, ServerOptions, Setting
 
 __all__ = [
@@ -39,7 +40,6 @@ __all__ = [
     "ServeConfig",
     "ServerOptions",
     "Setting",
-    "_ServedApp",
     "app_from_env",
     "build_app",
     "build_backend",

@@ -12,6 +12,7 @@ import dataclasses
 import gc
 import logging
 import os
+import re
 import sys
 from typing import Any
 from urllib.parse import urlsplit
@@ -140,15 +141,12 @@ def app_from_env() -> PrefixedApp:
     return build_app(config)
 
 
-def _redact(spec: str) -> str:
-    """``spec`` with the password of a URL's user info replaced by ``***``."""
-    if "://" not in spec or "@" not in spec:
-        return spec
-    parts = urlsplit(spec)
-    if parts.password is None:
-        return spec
-    netloc = parts.netloc.replace(":" + parts.password + "@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
+_PASSWORD = re.compile(r"(://[^/?#@\s:'\"]*:)[^/?#@\s'\"]+@")
+
+
+def _redact(text: str) -> str:
+    """``text`` with the password of every URL's user info in it replaced by ``***``."""
+    return _PASSWORD.sub(r"\1***@", text)
 
 
 def describe_backend(spec: str) -> str:
@@ -158,7 +156,10 @@ def describe_backend(spec: str) -> str:
         parts = urlsplit(spec)
         host = parts.hostname or ""
         host = f"[{host}]" if ":" in host else host
-        port = f":{parts.port}" if parts.port else ""
+        try:
+            port = f":{parts.port}" if parts.port else ""
+        except ValueError:  # not a port: say no more than the host
+            port = ""
         return f"{parts.scheme}://{host}{port}{parts.path}"
     if spec.lower().endswith((".toml", ".json")) and ":" not in os.path.basename(spec):
         return f"the router file {spec}"
@@ -170,8 +171,7 @@ def _backend_or_exit(config: ServeConfig, given: object) -> Any:
     try:
         return build_backend(config)
     except (ValueError, TypeError) as exc:
-        message = str(exc).replace(config.backend, _redact(config.backend))
-        raise usage_error(f"{origin}: {first_line(message, 500)}") from exc
+        raise usage_error(f"{origin}: {first_line(_redact(str(exc)), 500)}") from exc
     except Exception as exc:  # the user's module or factory failed: not a usage error
         raise CLIError(
             f"{origin}: building {_redact(config.backend)!r} failed: {type(exc).__name__}: {first_line(str(exc))}"

@@ -73,6 +73,8 @@ class Kind(Protocol):
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Text:
+    """Text, stripped; never empty."""
+
     rule: str = "a non-empty string"
 
     def parse(self, text: str) -> str:
@@ -89,6 +91,8 @@ class Text:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Integer:
+    """An integer from ``low`` to ``high`` (none: no upper bound)."""
+
     low: int
     high: int | None = None
 
@@ -116,6 +120,8 @@ class Integer:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Seconds:
+    """A finite number of seconds, at least ``low`` (``above``: more than ``low``)."""
+
     low: float = 0.0
     above: bool = False  # strictly above ``low``
 
@@ -140,6 +146,8 @@ class Seconds:
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class Choice:
+    """One of ``options``, exactly."""
+
     options: tuple[str, ...]
 
     @property
@@ -229,8 +237,8 @@ def setting(
     secret: bool = False,
 ) -> Any:
     """A dataclass field that is a row of the table (typed ``Any`` so that it fits the field's annotation)."""
-    row = Setting(env_name, default, kind, help, flag=flag, metavar=metavar, secret=secret)
-    return dataclasses.field(default=default, repr=not secret, metadata={"setting": row})
+    item = Setting(env_name, default, kind, help, flag=flag, metavar=metavar, secret=secret)
+    return dataclasses.field(default=default, repr=not secret, metadata={"setting": item})
 
 
 _ROWS: dict[type, tuple[Setting, ...]] = {}
@@ -289,6 +297,8 @@ def _read_file(item: Setting, path: str) -> str:
         raise usage_error(f"{item.file_env}: cannot read {path}: {exc.strerror or exc}") from None
     if len(data) > MAX_SECRET_FILE_BYTES:
         raise usage_error(f"{item.file_env}: {path} is larger than {MAX_SECRET_FILE_BYTES} bytes")
+    if not data.strip():
+        raise usage_error(f"{item.file_env}: {path} is empty")
     return data.decode("utf-8", errors="replace")
 
 
