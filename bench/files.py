@@ -109,10 +109,11 @@ def launch(store: str, argv: list[str]) -> int:
     """``ozwell-asgi serve argv`` with the file store ``store`` (memory, discard or as ``--files`` builds it) and a
     4 GiB file size cap."""
     import ozwell_asgi.cli as cli
+    import ozwell_asgi.cli.serve as serve
     from ozwell_asgi.context import Settings
     from ozwell_asgi.stores.memory import MemoryFileStore
 
-    base = cli.OzwellAPI
+    base = serve.OzwellAPI
 
     class BenchAPI(base):  # type: ignore[misc,valid-type]
         def __init__(self, **kwargs: Any) -> None:
@@ -123,7 +124,7 @@ def launch(store: str, argv: list[str]) -> int:
                 kwargs["file_store"] = DiscardingFileStore()
             super().__init__(**kwargs)
 
-    cli.OzwellAPI = BenchAPI  # type: ignore[misc]
+    serve.OzwellAPI = BenchAPI  # type: ignore[misc]
     return cli.main(["serve", *argv])
 
 

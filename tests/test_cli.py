@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -22,24 +23,16 @@ import pytest
 
 from ozwell_asgi import OzwellAPI
 from ozwell_asgi.app import PrefixedApp
-from ozwell_asgi.cli import main
+from ozwell_asgi.cli import SERVE_SETTINGS, ConnectionLimits, ServeConfig, build_parser, main
+from ozwell_asgi.cli.settings import GROUPS, Setting, resolve, rows
 from tests.conftest import PG_ADMIN_DB, PG_HOST, PG_PORT, PG_USER, need_service
 from tests.harness import free_port, raw_client
 
+# Every variable the CLI reads: each serve setting's (a secret's <env>_FILE too) and OZWELL_SECRET.
 OZWELL_ENV = (
-    "OZWELL_STORE_URL",
-    "OZWELL_LIMITER_URL",
-    "OZWELL_LIMITER_NAMESPACE",
+    *(item.env for item in SERVE_SETTINGS),
+    *(item.file_env for item in SERVE_SETTINGS if item.secret),
     "OZWELL_SECRET",
-    "OZWELL_SECRET_FILE",
-    "OZWELL_KEY_CACHE_TTL",
-    "OZWELL_ON_LIMITER_ERROR",
-    "OZWELL_LIMIT_CONCURRENCY",
-    "OZWELL_TIMEOUT_HEADERS",
-    "OZWELL_MAX_HEADER_SIZE",
-    "OZWELL_TIMEOUT_KEEP_ALIVE",
-    "OZWELL_BACKLOG",
-    "OZWELL_TIMEOUT_GRACEFUL_SHUTDOWN",
 )
 
 
@@ -260,7 +253,15 @@ def test_unknown_or_revoked_ids(cli: CLI) -> None:
         (["serve", "--store", "postgresql://user:hunter2@127.0.0.1:1/db"], "key store"),
         (["serve", "--limiter", "nosuch://x"], "--limiter"),
         (["serve", "--limiter", "no-scheme"], "--limiter"),
-        (["serve", "--on-limiter-error", "maybe"], "invalid choice"),
+        (["serve", "--on-limiter-error", "maybe"], "--on-limiter-error must be one of closed, open, got 'maybe'"),
+        (["serve", "--log-level", "loud"], "--log-level"),
+        (["serve", "--workers", "many"], "--workers must be an integer >= 1, got 'many'"),
+        (["serve", "--host", " "], "--host"),
+        (["serve", "--key-cache-ttl", "nan"], "--key-cache-ttl"),
+        (["serve", "--timeout-headers", "inf"], "--timeout-headers"),
+        (["serve", "--access-log=yes"], "--access-log"),
+        (["serve", "--backend", ""], "--backend"),
+        (["serve", "--upstream-key", " "], "--upstream-key must be a non-empty string"),
         (["serve", "--workers", "0"], "--workers"),
         (["serve", "--port", "http"], "--port"),
         (["serve", "--port", "70000"], "--port"),
@@ -473,6 +474,214 @@ def test_serve_hands_its_settings_to_workers(
     assert isinstance(target, PrefixedApp)
     assert "workers" not in options
     assert "warning" not in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- the serve settings
+
+# Every serve setting's flag, variable and default, as people use them outside this test suite.
+SERVE_NAMES = [
+    ("--host", "OZWELL_HOST", "127.0.0.1"),
+    ("--port", "OZWELL_PORT", 8000),
+    ("--workers", "OZWELL_WORKERS", 1),
+    ("--log-level", "OZWELL_LOG_LEVEL", "info"),
+    ("--access-log", "OZWELL_ACCESS_LOG", True),
+    ("--backend", "OZWELL_BACKEND", "echo"),
+    ("--upstream-key", "OZWELL_UPSTREAM_KEY", None),
+    ("--store", "OZWELL_STORE_URL", "sqlite:///./ozwell.db"),
+    ("--limiter", "OZWELL_LIMITER_URL", "memory://"),
+    ("--limiter-namespace", "OZWELL_LIMITER_NAMESPACE", "ozwell"),
+    ("--key-cache-ttl", "OZWELL_KEY_CACHE_TTL", 5.0),
+    ("--on-limiter-error", "OZWELL_ON_LIMITER_ERROR", "closed"),
+    ("--secret-file", "OZWELL_SECRET_FILE", "./ozwell.secret"),
+    ("--limit-concurrency", "OZWELL_LIMIT_CONCURRENCY", 1000),
+    ("--timeout-headers", "OZWELL_TIMEOUT_HEADERS", 10.0),
+    ("--max-header-size", "OZWELL_MAX_HEADER_SIZE", 32768),
+    ("--timeout-keep-alive", "OZWELL_TIMEOUT_KEEP_ALIVE", 5.0),
+    ("--backlog", "OZWELL_BACKLOG", 2048),
+    ("--timeout-graceful-shutdown", "OZWELL_TIMEOUT_GRACEFUL_SHUTDOWN", 10.0),
+]
+
+# setting -> (its variable's text, its value; the flag's arguments, their value): none of them the default.
+OTHER_VALUES: dict[str, tuple[str, object, list[str], object]] = {
+    "host": ("10.1.2.3", "10.1.2.3", ["--host", "::1"], "::1"),
+    "port": ("9001", 9001, ["--port", "0"], 0),
+    "workers": ("3", 3, ["--workers", "2"], 2),
+    "log_level": ("debug", "debug", ["--log-level", "warning"], "warning"),
+    "access_log": ("off", False, ["--access-log"], True),
+    "backend": (
+        "pkg.mod:thing",
+        "pkg.mod:thing",
+        ["--backend", "openai+http://127.0.0.1:9/v1"],
+        "openai+http://127.0.0.1:9/v1",
+    ),
+    "upstream_key": ("sk-from-env", "sk-from-env", ["--upstream-key", "sk-from-flag"], "sk-from-flag"),
+    "store_url": ("sqlite:///env.db", "sqlite:///env.db", ["--store", "memory://"], "memory://"),
+    "limiter_url": (
+        "redis://127.0.0.1:1/0",
+        "redis://127.0.0.1:1/0",
+        ["--limiter", "async+memory://"],
+        "async+memory://",
+    ),
+    "limiter_namespace": ("env-ns", "env-ns", ["--limiter-namespace", "flag-ns"], "flag-ns"),
+    "key_cache_ttl": ("0.5", 0.5, ["--key-cache-ttl", "0"], 0.0),
+    "on_limiter_error": ("open", "open", ["--on-limiter-error", "closed"], "closed"),
+    "secret_file": ("/etc/env.secret", "/etc/env.secret", ["--secret-file", "flag.secret"], "flag.secret"),
+    "limit_concurrency": ("0", 0, ["--limit-concurrency", "5"], 5),
+    "timeout_headers": ("2.5", 2.5, ["--timeout-headers", "1"], 1.0),
+    "max_header_size": ("4096", 4096, ["--max-header-size", "2048"], 2048),
+    "timeout_keep_alive": ("0", 0.0, ["--timeout-keep-alive", "3"], 3.0),
+    "backlog": ("64", 64, ["--backlog", "16"], 16),
+    "timeout_graceful_shutdown": ("1", 1.0, ["--timeout-graceful-shutdown", "0"], 0.0),
+}
+
+
+def test_every_serve_setting_keeps_its_flag_variable_and_default() -> None:
+    assert [(item.flag, item.env, item.default) for item in SERVE_SETTINGS] == SERVE_NAMES
+
+
+@pytest.mark.parametrize("item", SERVE_SETTINGS, ids=lambda item: item.name)
+def test_each_serve_setting_is_its_flag_else_its_variable_else_its_default(
+    item: Setting, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env_text, env_value, flag_argv, flag_value = OTHER_VALUES[item.name]
+    [group] = [group for group in GROUPS if item in rows(group)]
+
+    def value(*argv: str) -> object:
+        return getattr(resolve(group, build_parser().parse_args(["serve", *argv])), item.name)
+
+    assert value() == item.default
+    monkeypatch.setenv(item.env, env_text)
+    assert value() == env_value
+    assert value(*flag_argv) == flag_value
+    monkeypatch.setenv(item.env, "  ")  # blank counts as unset
+    assert value() == item.default
+
+
+def test_a_secret_setting_may_come_from_a_file(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    (tmp_path / "key").write_text("sk-from-a-file\n")
+    monkeypatch.setenv("OZWELL_UPSTREAM_KEY_FILE", str(tmp_path / "key"))
+    assert resolve(ServeConfig).upstream_key == "sk-from-a-file"
+    monkeypatch.setenv("OZWELL_UPSTREAM_KEY", "sk-from-the-variable")  # the variable wins over the file
+    assert resolve(ServeConfig).upstream_key == "sk-from-the-variable"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("OZWELL_HOST", " "),
+        ("OZWELL_PORT", "http"),
+        ("OZWELL_PORT", "70000"),
+        ("OZWELL_WORKERS", "0"),
+        ("OZWELL_LOG_LEVEL", "loud"),
+        ("OZWELL_ACCESS_LOG", "maybe"),
+        ("OZWELL_ON_LIMITER_ERROR", "maybe"),
+        ("OZWELL_KEY_CACHE_TTL", "-1"),
+        ("OZWELL_TIMEOUT_HEADERS", "nan"),
+        ("OZWELL_LIMIT_CONCURRENCY", "-1"),
+        ("OZWELL_MAX_HEADER_SIZE", "1k"),
+        ("OZWELL_LIMITER_URL", "nosuch://x"),
+        ("OZWELL_BACKEND", "vllm"),
+        ("OZWELL_UPSTREAM_KEY_FILE", "/nonexistent-dir/key"),
+    ],
+)
+def test_bad_variables_exit_2_with_one_line_naming_them(
+    name: str, value: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    monkeypatch.setenv(name, value)
+    if name == "OZWELL_HOST":
+        monkeypatch.setenv(name, "")  # blank is unset: only a flag can be blank
+        assert main(["serve", "--host", value]) == 2
+        assert "--host" in capsys.readouterr().err
+        return
+    assert main(["serve", "--store", f"sqlite:///{tmp_path / 'k.db'}"]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"ozwell-asgi: error: {name}")
+    assert not (tmp_path / "k.db").exists()  # refused before anything was made
+
+
+def test_the_app_settings_reach_workers_and_back_without_a_secret(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = ServeConfig(
+        backend="openai+http://127.0.0.1:9/v1",
+        upstream_key="sk-upstream-key-never-exported",
+        store_url="sqlite:///w.db",
+        limiter_url="redis://127.0.0.1:1/0",
+        limiter_namespace="ns",
+        key_cache_ttl=0.25,
+        on_limiter_error="open",
+        secret_file=str(tmp_path / "ozwell.secret"),
+        secret="a key-hashing secret, never exported",
+    )
+    assert "never" not in repr(config)
+    files: dict[str, str] = {}
+
+    def private_file(name: str, value: str) -> str:
+        (tmp_path / name).write_text(value)
+        files[name] = value
+        return str(tmp_path / name)
+
+    exported = config.to_env(private_file)
+    assert "never" not in "".join(exported.values())
+    assert files == {"upstream_key": "sk-upstream-key-never-exported"}
+    plain = {item.env for item in rows(ServeConfig) if not item.secret}
+    assert set(exported) == plain | {"OZWELL_UPSTREAM_KEY_FILE"}
+    for name, text in exported.items():
+        monkeypatch.setenv(name, text)
+    assert resolve(ServeConfig) == dataclasses.replace(config, secret="")  # a worker reads the secret itself
+    with pytest.raises(ValueError, match="absolute"):
+        dataclasses.replace(config, secret_file="ozwell.secret").to_env(private_file)
+    with pytest.raises(ValueError, match="--key-cache-ttl"):
+        dataclasses.replace(config, key_cache_ttl=-1)
+    with pytest.raises(ValueError, match="--max-header-size must be an integer >= 1024, got 100"):
+        ConnectionLimits(max_header_size=100)
+
+
+def test_serve_hands_the_backend_to_workers_and_its_key_only_as_a_file(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    import uvicorn
+
+    monkeypatch.setattr(os, "environ", dict(os.environ))
+    seen: list[tuple[dict[str, object], dict[str, str], str]] = []
+
+    def run(app: object, **options: object) -> None:
+        key_file = os.environ.get("OZWELL_UPSTREAM_KEY_FILE", "")
+        seen.append((options, dict(os.environ), Path(key_file).read_text() if key_file else ""))
+
+    monkeypatch.setattr(uvicorn, "run", run)
+    key = "sk-upstream-key-for-the-workers"
+    monkeypatch.setenv("OZWELL_UPSTREAM_KEY", key)
+    monkeypatch.setenv("OZWELL_ACCESS_LOG", "off")
+    monkeypatch.setenv("OZWELL_WORKERS", "2")
+    store = f"sqlite:///{tmp_path / 'w.db'}"
+    assert main(["serve", "--store", store, "--backend", "openai+http://user:hunter2@127.0.0.1:9/v1?k=v"]) == 0
+    err = capsys.readouterr().err
+    [(options, environ, key_file_text)] = seen
+    assert options["workers"] == 2
+    assert options["access_log"] is False
+    assert environ["OZWELL_BACKEND"] == "openai+http://user:hunter2@127.0.0.1:9/v1?k=v"
+    assert "OZWELL_UPSTREAM_KEY" not in environ
+    assert key not in "".join(environ.values())
+    assert key_file_text.strip() == key
+    assert not Path(environ["OZWELL_UPSTREAM_KEY_FILE"]).exists()  # removed when serve returned
+    # the banner names the backend, never its password, query or key
+    assert "serving http://127.0.0.1:8000/v1 on the backend openai+http://127.0.0.1:9/v1 with an upstream key" in err
+    assert "hunter2" not in err
+    assert key not in err
+    assert "k=v" not in err
+
+
+def test_the_serve_table_in_the_docs_lists_every_setting() -> None:
+    page = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    section = page.split("## `ozwell-asgi serve`", 1)[1].split("\n### ", 1)[0]
+    lines = [line for line in section.splitlines() if line.startswith("| `--")]
+    for item in SERVE_SETTINGS:
+        [line] = [line for line in lines if line.startswith((f"| `{item.flag} ", f"| `{item.flag}`"))]
+        assert f"`{item.env}`" in line
+        assert (f"| `{item.shown_default()}`" if item.default is not None else "| none |") in line, line
+    assert len(lines) == len(SERVE_SETTINGS)
 
 
 def test_keys_against_postgres(pg_url: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
