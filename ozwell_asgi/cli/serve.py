@@ -23,6 +23,8 @@ from ..app import OzwellAPI, PrefixedApp
 from ..backends import capabilities
 from ..backends.spec import backend_from_spec
 from ..ratelimit import LimitsRateLimiter
+from ..stores.content import content_store_from_url
+from ..stores.urls import Storages, create_private_sqlite_file, sqlite_path
 from ..types import Receive, Scope, Send
 from .errors import PROG, CLIError, first_line, usage_error
 from .secret import ENV_SECRET, PrivateFiles, resolve_secret, secret_for_workers
@@ -72,10 +74,13 @@ class _ServedApp(PrefixedApp):
     """:class:`PrefixedApp` that also closes what ``serve`` built for it, the rate limiter and the backend, when the
     server shuts down."""
 
-    def __init__(self, api: OzwellAPI, limiter: LimitsRateLimiter, backend: object = None) -> None:
+    def __init__(
+        self, api: OzwellAPI, limiter: LimitsRateLimiter, backend: object = None, storages: Storages | None = None
+    ) -> None:
         super().__init__(api, "/v1")
         self.limiter = limiter
         self.backend = backend
+        self.storages = storages
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "lifespan":
@@ -85,6 +90,8 @@ class _ServedApp(PrefixedApp):
         async def send_after_closing(message: Any) -> None:
             if message["type"] == "lifespan.shutdown.complete":
                 await self.limiter.aclose()
+                if self.storages is not None:
+                    await self.storages.aclose()
                 try:
                     await aclose_quietly(self.backend, CLOSE_TIMEOUT_SECONDS)
                 except Exception:
@@ -120,14 +127,29 @@ def build_app(config: ServeConfig, backend: object = None) -> PrefixedApp:
     limiter = _make_limiter(config)
     if backend is None:
         backend = build_backend(config)
+    storages = Storages()  # one engine or client per URL: keys and files on one URL share it
+    files_url = config.files_url or config.store_url
+    content_url = file_content_url(files_url, config.file_content_url)
     api = OzwellAPI(
         backend=backend,  # type: ignore[arg-type]  # checked by build_backend
-        key_store=config.store_url,
+        key_store=storages.key_store(config.store_url),
+        file_store=storages.file_store(files_url, None if content_url is None else content_store_from_url(content_url)),
         rate_limiter=limiter,
         secret=config.secret,
         key_cache_ttl=config.key_cache_ttl,
     )
-    return _ServedApp(api, limiter, backend)
+    return _ServedApp(api, limiter, backend, storages)
+
+
+def file_content_url(files_url: str, given: str | None) -> str | None:
+    """Where ``serve`` keeps file bytes: ``given`` (``"store"``: in the metadata store itself, ``None`` returned),
+    else a directory beside a SQLite database file (``./ozwell.db`` → ``./ozwell-files``), else the store."""
+    if given is not None:
+        return None if given.strip() == "store" else given
+    path = sqlite_path(files_url)
+    if path is None:
+        return None
+    return (path.parent / f"{path.stem}-files").resolve().as_uri()
 
 
 def app_from_env() -> PrefixedApp:
@@ -201,6 +223,16 @@ def cmd_serve(args: argparse.Namespace) -> int:
         raise usage_error(f"{source(LIMITER, args.limiter_url)}: {exc}") from exc
     except ImportError as exc:
         raise CLIError(f"{source(LIMITER, args.limiter_url)}: a driver is missing ({exc.name or exc})") from exc
+    files_url = config.files_url or config.store_url
+    if config.files_url is not None:
+        open_store(files_url)
+        create_private_sqlite_file(files_url)  # 0600, as the key store's file
+    content = file_content_url(files_url, config.file_content_url)
+    if content is not None:
+        try:
+            content_store_from_url(content)
+        except ValueError as exc:
+            raise usage_error(f"--file-content: {exc}") from exc
     backend = _backend_or_exit(config, args.backend)
     handed_over = False
     try:

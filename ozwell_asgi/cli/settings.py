@@ -388,6 +388,23 @@ class ServeConfig:
     store_url: str = setting(
         "OZWELL_STORE_URL", "sqlite:///./ozwell.db", TEXT, "key store URL", flag="--store", metavar="URL"
     )
+    files_url: str | None = setting(
+        "OZWELL_FILES_URL",
+        None,
+        TEXT,
+        "file metadata store URL (default: the key store's URL, sharing its engine or client)",
+        flag="--files",
+        metavar="URL",
+    )
+    file_content_url: str | None = setting(
+        "OZWELL_FILE_CONTENT_URL",
+        None,
+        TEXT,
+        "where file bytes live: file:///dir, s3://bucket/prefix?endpoint=..., or 'store' (the metadata store "
+        "itself); default: a directory beside a SQLite database (ozwell.db: ./ozwell-files), else the store",
+        flag="--file-content",
+        metavar="URL",
+    )
     limiter_url: str = setting(
         "OZWELL_LIMITER_URL", "memory://", TEXT, "rate-limit storage URL", flag="--limiter", metavar="URL"
     )
@@ -431,6 +448,8 @@ class ServeConfig:
         exported: dict[str, str] = {}
         for item in rows(ServeConfig):
             value = getattr(self, item.name)
+            if value is None:  # unset: the worker resolves it to the same default
+                continue
             if not item.secret:
                 exported[item.env] = item.kind.format(value)
             elif value is not None:

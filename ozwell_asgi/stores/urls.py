@@ -23,6 +23,7 @@ __all__ = [
     "StorageOptions",
     "Storages",
     "create_private_sqlite_file",
+    "sqlite_path",
     "key_store_from_url",
     "open_storage",
     "register_storage",
@@ -47,6 +48,24 @@ _REDIS_SCHEMES = frozenset({"redis", "rediss"})
 _SQLITE_SCHEMES = frozenset({"sqlite", "sqlite+aiosqlite"})
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The database file a SQLite URL names, or ``None`` (another kind of store, ``:memory:``, a ``file:`` URI, or
+    a malformed URL: opening the store reports that, without echoing the URL)."""
+    scheme, sep, _ = url.strip().partition("://")
+    if not sep or scheme.lower() not in _SQLITE_SCHEMES:
+        return None
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url.strip())
+    except Exception:
+        return None
+    database = parsed.database
+    if not database or database == ":memory:" or database.startswith("file:") or parsed.query.get("mode"):
+        return None
+    return Path(database)
+
+
 def create_private_sqlite_file(url: str) -> Path | None:
     """Create the SQLite database file ``url`` names, empty and with mode 0600, if it does not exist yet.
 
@@ -55,19 +74,9 @@ def create_private_sqlite_file(url: str) -> Path | None:
     gives the ``-wal`` and ``-shm`` files it makes beside a database the database file's own mode, so the key
     hashes in all three stay readable by their owner alone, whatever the umask.
     """
-    scheme, sep, _ = url.strip().partition("://")
-    if not sep or scheme.lower() not in _SQLITE_SCHEMES:
+    path = sqlite_path(url)
+    if path is None:
         return None
-    from sqlalchemy.engine import make_url
-
-    try:
-        parsed = make_url(url.strip())
-    except Exception:  # a malformed URL: opening the store reports it, without echoing the URL
-        return None
-    database = parsed.database
-    if not database or database == ":memory:" or database.startswith("file:") or parsed.query.get("mode"):
-        return None
-    path = Path(database)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except OSError:  # it exists (kept as it is), or its directory does not
