@@ -2,6 +2,7 @@
 
     ozwell-asgi serve [--host H] [--port P] [--store URL] [--limiter URL] [--limiter-namespace NS] [--workers N]
                       [--key-cache-ttl SECONDS] [--on-limiter-error closed|open] [--secret-file PATH] [--log-level L]
+                      [--no-access-log]
     ozwell-asgi keys create --name NAME [--owner O] [--plan P] [--rpm N] [--tpm N] [--models a,b] [--scopes api,admin]
                             [--expires-in 30d] [--store URL] [--secret-file PATH]
     ozwell-asgi keys list [--owner O] [--json] [--store URL]
@@ -547,6 +548,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "host": args.host,
         "port": args.port,
         "log_level": args.log_level,
+        "access_log": not args.no_access_log,
         "lifespan": "on",
         "timeout_graceful_shutdown": 10,
     }
@@ -643,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=("critical", "error", "warning", "info", "debug", "trace"),
         help="uvicorn's log level (default: info)",
     )
+    serve.add_argument("--no-access-log", action="store_true", help="turn uvicorn's access log off")
     serve.set_defaults(handler=cmd_serve)
 
     keys = commands.add_parser("keys", help="create, list, revoke and rotate API keys", description="Manage API keys.")
