@@ -1,0 +1,115 @@
+"""What the hot path's cheaper machinery must still guarantee (issue 11, item 6): the in-process limiter keeps its
+memory bounded; the body's idle timer is pushed back by every piece and never turns another cancellation into a
+408.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import anyio
+import pytest
+
+from ozwell_asgi import OzwellAPI
+from ozwell_asgi.context import Settings
+from ozwell_asgi.errors import RateLimitError
+from ozwell_asgi.ratelimit import LimitsRateLimiter
+from ozwell_asgi.types import Message, Quota
+from tests.test_admission import call_raw
+
+pytestmark = pytest.mark.anyio
+
+SECRET = "s" * 32
+CHAT = json.dumps({"model": "echo", "messages": [{"role": "user", "content": "hello there"}]}).encode()
+
+
+class Clock:
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# ------------------------------------------------------------------------------------------ the memory limiter
+
+
+async def test_the_memory_limiter_keeps_only_the_current_and_previous_window() -> None:
+    clock = Clock(600_030.0)
+    limiter = LimitsRateLimiter("memory://", clock=clock)
+    quota = Quota(rpm=10, tpm=1000)
+    for _ in range(5):
+        for subject in ("a", "b", "c"):
+            reservation = await limiter.reserve(subject, quota, 100)
+            await limiter.settle(reservation, 40)
+        assert reservation.requests is not None and reservation.requests.remaining == 9
+        assert reservation.tokens is not None and reservation.tokens.remaining == 900  # fresh in every window
+        clock.now += 60
+    kept = limiter._local._windows  # type: ignore[union-attr]
+    assert sorted(kept) == [10_003, 10_004]
+    assert kept[10_004] == ({"a": 1, "b": 1, "c": 1}, {"a": 40, "b": 40, "c": 40})
+
+
+async def test_the_memory_limiter_refuses_without_counting() -> None:
+    limiter = LimitsRateLimiter("memory://", clock=Clock(600_030.0))
+    quota = Quota(rpm=2, tpm=100)
+    held = await limiter.reserve("k", quota, 60)
+    with pytest.raises(RateLimitError, match="Rate limit exceeded"):
+        await limiter.reserve("k", quota, 41)  # over the tokens: the request is not counted either
+    second = await limiter.reserve("k", quota, 40)
+    assert second.requests is not None and second.requests.remaining == 0
+    assert second.tokens is not None and second.tokens.remaining == 0
+    with pytest.raises(RateLimitError, match="Rate limit exceeded"):
+        await limiter.reserve("k", quota, 0)
+    await limiter.settle(held, 10)
+    await limiter.reserve_tokens(second, 50)  # the refund is there for the next tokens
+    assert second.tokens is not None and second.tokens.remaining == 0
+
+
+# --------------------------------------------------------------------------------------------- the idle timer
+
+
+async def test_a_slow_body_that_keeps_arriving_is_read_whole() -> None:
+    api = OzwellAPI(secret=SECRET, settings=Settings(body_idle_timeout=0.25))
+    _, key = await api.keys.create(name="t", owner="o", plan="pro")
+    pieces = [CHAT[i : i + 4] for i in range(0, len(CHAT), 4)]  # 0.02 s apart: the whole body takes > 0.25 s
+
+    async def trickle() -> Message:
+        if not pieces:
+            await anyio.sleep_forever()
+        await anyio.sleep(0.02)
+        piece = pieces.pop(0)
+        return {"type": "http.request", "body": piece, "more_body": bool(pieces)}
+
+    assert len(pieces) * 0.02 > 0.3
+    status, _, body = await call_raw(api, key, trickle, len(CHAT))
+    assert status == 200, body
+    assert json.loads(body)["choices"][0]["message"]["content"] == "hello there"
+
+
+async def test_a_request_cancelled_while_its_body_is_read_stays_cancelled() -> None:
+    api = OzwellAPI(secret=SECRET, settings=Settings(body_idle_timeout=30))
+    _, key = await api.keys.create(name="t", owner="o", plan="pro")
+    sent: list[Any] = []
+
+    async def stalled() -> Message:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "method": "POST",
+        "path": "/chat/completions",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"authorization", f"Bearer {key}".encode()), (b"content-length", b"100")],
+    }
+    with anyio.move_on_after(0.05) as scope_:
+        await api(scope, stalled, send)
+    assert scope_.cancelled_caught
+    assert sent == []  # no 408 (nor anything else) for a request its server cancelled
