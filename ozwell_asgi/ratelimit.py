@@ -154,25 +154,34 @@ def rate_limit_headers(res: Reservation, now: float | None = None) -> list[tuple
     return headers
 
 
-_NAME_BYTES = {
-    name: name.lower().encode("ascii")
-    for name in (
-        "x-ratelimit-limit-requests",
-        "x-ratelimit-remaining-requests",
-        "x-ratelimit-reset-requests",
-        "x-ratelimit-limit-tokens",
-        "x-ratelimit-remaining-tokens",
-        "x-ratelimit-reset-tokens",
-        "X-RateLimit-Limit",
-        "X-RateLimit-Remaining",
-        "X-RateLimit-Reset",
-    )
-}
-
-
 def rate_limit_header_bytes(res: Reservation, now: float | None = None) -> list[tuple[bytes, bytes]]:
-    """:func:`rate_limit_headers` as ASGI header pairs (lower-case names), for the response path."""
-    return [(_NAME_BYTES[name], value.encode("ascii")) for name, value in rate_limit_headers(res, now)]
+    """:func:`rate_limit_headers` as ASGI header pairs (lower-case names), for the response path: the same headers
+    and values, formatted straight to bytes."""
+    req, tok = res.requests, res.tokens
+    if res.degraded or (req is None and tok is None):
+        return []
+    if now is None:
+        now = time.time()
+    headers: list[tuple[bytes, bytes]] = []
+    if req is not None:
+        headers += (
+            (b"x-ratelimit-limit-requests", b"%d" % req.limit),
+            (b"x-ratelimit-remaining-requests", b"%d" % max(req.remaining, 0)),
+            (b"x-ratelimit-reset-requests", format_duration(req.reset_at - now).encode()),
+        )
+    if tok is not None:
+        headers += (
+            (b"x-ratelimit-limit-tokens", b"%d" % tok.limit),
+            (b"x-ratelimit-remaining-tokens", b"%d" % max(tok.remaining, 0)),
+            (b"x-ratelimit-reset-tokens", format_duration(tok.reset_at - now).encode()),
+        )
+    generic = req if req is not None else cast(RateLimitWindow, tok)
+    headers += (
+        (b"x-ratelimit-limit", b"%d" % generic.limit),
+        (b"x-ratelimit-remaining", b"%d" % max(generic.remaining, 0)),
+        (b"x-ratelimit-reset", b"%d" % math.ceil(generic.reset_at)),
+    )
+    return headers
 
 
 # ------------------------------------------------------------------------------------------------------- limiter
