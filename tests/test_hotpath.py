@@ -1,21 +1,25 @@
 """What the hot path's cheaper machinery must still guarantee (issue 11, item 6): the in-process limiter keeps its
 memory bounded; the body's idle timer is pushed back by every piece and never turns another cancellation into a
-408.
+408; a stream's disconnect watcher stops a stream whose client left, and leaves nothing behind when it ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
 import pytest
 
 from ozwell_asgi import OzwellAPI
+from ozwell_asgi.backends.echo import EchoBackend
 from ozwell_asgi.context import Settings
 from ozwell_asgi.errors import RateLimitError
 from ozwell_asgi.ratelimit import LimitsRateLimiter
-from ozwell_asgi.types import Message, Quota
+from ozwell_asgi.types import Call, ChatChunk, Message, Quota, Reservation
+from ozwell_asgi.wire.chat import ChatCompletionRequest
 from tests.test_admission import call_raw
 
 pytestmark = pytest.mark.anyio
@@ -113,3 +117,107 @@ async def test_a_request_cancelled_while_its_body_is_read_stays_cancelled() -> N
         await api(scope, stalled, send)
     assert scope_.cancelled_caught
     assert sent == []  # no 408 (nor anything else) for a request its server cancelled
+
+
+# ----------------------------------------------------------------------------------------- the stream's watcher
+
+
+class Recorded(LimitsRateLimiter):
+    """The memory limiter, noting every settlement."""
+
+    def __init__(self) -> None:
+        super().__init__("memory://")
+        self.settled: list[int] = []
+
+    async def settle(self, reservation: Reservation, used_tokens: int) -> None:
+        self.settled.append(used_tokens)
+        await super().settle(reservation, used_tokens)
+
+
+class Waiting(EchoBackend):
+    """Echo's first chunks, then waits (for the client to go away); notes when its stream is closed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False
+
+    async def stream_chat(self, request: ChatCompletionRequest, ctx: Call) -> AsyncIterator[ChatChunk]:
+        try:
+            yield ChatChunk(role="assistant", content="")
+            yield ChatChunk(content="hello")
+            await anyio.sleep_forever()
+        finally:
+            self.closed = True
+
+
+def stream_scope(key: str) -> dict[str, Any]:
+    return {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "method": "POST",
+        "path": "/chat/completions",
+        "root_path": "",
+        "query_string": b"",
+        "headers": [(b"authorization", f"Bearer {key}".encode()), (b"content-type", b"application/json")],
+    }
+
+
+async def test_a_client_gone_mid_stream_closes_the_backend_and_settles_once() -> None:
+    limiter = Recorded()
+    backend = Waiting()
+    api = OzwellAPI(secret=SECRET, backend=backend, rate_limiter=limiter)
+    _, key = await api.keys.create(name="t", owner="o", plan="pro")
+    body = json.dumps({"model": "echo", "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+    frames: list[bytes] = []
+    gone = anyio.Event()
+    calls = 0
+
+    async def receive() -> Message:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            return {"type": "http.request", "body": body, "more_body": False}
+        await gone.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        if message["type"] == "http.response.body":
+            frames.append(message.get("body", b""))
+            if b"hello" in message.get("body", b""):
+                gone.set()  # the client leaves once it has the first word
+
+    with anyio.fail_after(5):
+        await api(stream_scope(key), receive, send)
+    assert backend.closed
+    assert any(b"hello" in frame for frame in frames)
+    assert b"data: [DONE]\n\n" not in frames
+    assert len(limiter.settled) == 1
+    await anyio.sleep(0.01)  # the request's task carries no stray cancellation
+
+
+async def test_a_finished_stream_leaves_no_watcher_and_no_cancellation() -> None:
+    api = OzwellAPI(secret=SECRET)
+    _, key = await api.keys.create(name="t", owner="o", plan="pro")
+    body = json.dumps({"model": "echo", "messages": [{"role": "user", "content": "hi"}], "stream": True}).encode()
+    done = anyio.Event()
+    frames: list[bytes] = []
+
+    async def receive() -> Message:
+        if not frames:
+            return {"type": "http.request", "body": body, "more_body": False}
+        await done.wait()  # like uvicorn: a disconnect only once the response is complete
+        return {"type": "http.disconnect"}
+
+    async def send(message: Any) -> None:
+        if message["type"] == "http.response.body":
+            frames.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                done.set()
+        else:
+            frames.append(b"")
+
+    before = set(asyncio.all_tasks())
+    await api(stream_scope(key), receive, send)
+    assert frames[-2] == b"data: [DONE]\n\n" and frames[-1] == b""
+    await anyio.sleep(0.01)  # were the task cancelled by the watcher, this would raise
+    assert set(asyncio.all_tasks()) <= before
