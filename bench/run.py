@@ -8,7 +8,8 @@ Both servers run under the same uvicorn (one worker each, same flags, access log
 package ``wrk``) drives them with the same request (``-t1 -c32``), alternating rounds so drift hits both equally.
 Every response is checked once for correctness first, and any non-2xx answer during a round fails the run. Figures
 are requests/second; the result that matters is the ratio, not the absolute numbers (they depend on the machine):
-the median of the per-round ratios (each round pairs one run of each side), and the ratio of the totals.
+the median of the per-round ratios (each round pairs one run of each side), and the ratio of the totals. Beside
+them, each server's CPU time per request (from /proc, Linux): the least noisy figure on a busy machine.
 """
 
 from __future__ import annotations
@@ -68,7 +69,21 @@ def check(url: str, key: str, stream: bool) -> None:
         assert json.loads(text)["choices"][0]["message"]["content"] == MESSAGE, text
 
 
-def wrk(url: str, key: str, stream: bool, seconds: int, connections: int, workdir: Path) -> float:
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of process ``pid`` so far (Linux), or None where /proc cannot say."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def port_of(url: str) -> int:
+    return int(url.split(":")[2].split("/")[0])
+
+
+def wrk(url: str, key: str, stream: bool, seconds: int, connections: int, workdir: Path) -> tuple[float, float | None]:
+    """(requests/s, the server's CPU microseconds per request or None) of one round."""
     script = workdir / f"wrk-{'stream' if stream else 'plain'}.lua"
     script.write_text(
         'wrk.method = "POST"\n'
@@ -76,6 +91,8 @@ def wrk(url: str, key: str, stream: bool, seconds: int, connections: int, workdi
         'wrk.headers["Content-Type"] = "application/json"\n'
         f'wrk.headers["Authorization"] = "Bearer {key}"\n'
     )
+    pid = SERVER_PIDS.get(port_of(url))
+    cpu_before = None if pid is None else cpu_seconds(pid)
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
         capture_output=True,
@@ -84,10 +101,18 @@ def wrk(url: str, key: str, stream: bool, seconds: int, connections: int, workdi
     ).stdout
     if "Non-2xx" in out or "Socket errors" in out:
         raise RuntimeError(f"errors during the run against {url}:\n{out}")
+    cpu_after = None if pid is None else cpu_seconds(pid)
     match = re.search(r"Requests/sec:\s+([\d.]+)", out)
-    if not match:
+    done = re.search(r"(\d+) requests in", out)
+    if not match or not done:
         raise RuntimeError(out)
-    return float(match.group(1))
+    cpu = None
+    if cpu_before is not None and cpu_after is not None and int(done.group(1)):
+        cpu = (cpu_after - cpu_before) / int(done.group(1)) * 1e6
+    return float(match.group(1)), cpu
+
+
+SERVER_PIDS: dict[int, int] = {}  # port -> pid of the server process listening there
 
 
 class Servers:
@@ -108,6 +133,7 @@ class Servers:
     def start(self, argv: list[str], port: int, env: dict[str, str] | None = None) -> None:
         proc = subprocess.Popen(argv, env=env or self.env, cwd=self.workdir, stdout=subprocess.DEVNULL)
         self.procs.append(proc)
+        SERVER_PIDS[port] = proc.pid  # one worker: uvicorn serves in this very process
         wait_for(port)
 
     def serve(self, *extra: str, root: Path = ROOT) -> int:
@@ -138,34 +164,53 @@ class Servers:
 
 def compare(a: str, b: str, key: str, stream: bool, rounds: int, seconds: int, conns: int, workdir: Path) -> dict:
     """Alternate rounds between ``a`` and ``b`` (swapping who goes first); returns the rps lists, the ratio of the
-    totals a/b and the median of the per-round ratios."""
+    totals a/b, the median of the per-round ratios, and the servers' CPU per request (b's over a's: the same sense
+    as the rps ratio, and far less moved by whatever else the machine runs)."""
     check(a, key, stream)
     check(b, key, stream)
     wrk(a, key, stream, 1, conns, workdir)  # warm both
     wrk(b, key, stream, 1, conns, workdir)
     rps_a: list[float] = []
     rps_b: list[float] = []
+    cpu: dict[str, list[float]] = {a: [], b: []}
     for i in range(rounds):
         order = [(a, rps_a), (b, rps_b)] if i % 2 == 0 else [(b, rps_b), (a, rps_a)]
         for url, sink in order:
-            sink.append(wrk(url, key, stream, seconds, conns, workdir))
+            rps, us = wrk(url, key, stream, seconds, conns, workdir)
+            sink.append(rps)
+            if us is not None:
+                cpu[url].append(us)
     median = statistics.median(x / y for x, y in zip(rps_a, rps_b, strict=True))
-    return {"a": rps_a, "b": rps_b, "ratio": sum(rps_a) / sum(rps_b), "median": median}
+    result = {"a": rps_a, "b": rps_b, "ratio": sum(rps_a) / sum(rps_b), "median": median}
+    if len(cpu[a]) == len(cpu[b]) == rounds:
+        result["cpu_a"], result["cpu_b"] = statistics.median(cpu[a]), statistics.median(cpu[b])
+    return result
 
 
 def report(name: str, r: dict, a: str = "ozwell", b: str = "bare") -> dict:
     mean_a, mean_b = statistics.mean(r["a"]), statistics.mean(r["b"])
-    print(
+    line = (
         f"{name:>14}: {a} {mean_a:8.0f} req/s   {b} {mean_b:8.0f} req/s   "
-        f"ratio: median {r['median']:.3f}, of totals {r['ratio']:.3f}",
-        flush=True,
+        f"ratio: median {r['median']:.3f}, of totals {r['ratio']:.3f}"
     )
-    return {
+    out = {
         f"{a}_rps": [round(x) for x in r["a"]],
         f"{b}_rps": [round(x) for x in r["b"]],
         "ratio": round(r["ratio"], 3),
         "median": round(r["median"], 3),
     }
+    if "cpu_a" in r:
+        line += f"   server CPU/request: {a} {r['cpu_a']:.0f} us, {b} {r['cpu_b']:.0f} us"
+        line += f" (ratio {r['cpu_b'] / r['cpu_a']:.3f})"
+        out.update(
+            {
+                f"{a}_cpu_us": round(r["cpu_a"]),
+                f"{b}_cpu_us": round(r["cpu_b"]),
+                "cpu_ratio": round(r["cpu_b"] / r["cpu_a"], 3),
+            }
+        )
+    print(line, flush=True)
+    return out
 
 
 def main() -> int:
