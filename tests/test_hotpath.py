@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,6 +19,7 @@ from ozwell_asgi.backends.echo import EchoBackend
 from ozwell_asgi.context import Settings
 from ozwell_asgi.errors import RateLimitError
 from ozwell_asgi.ratelimit import LimitsRateLimiter
+from ozwell_asgi.tokens import BPETokenizer
 from ozwell_asgi.types import Call, ChatChunk, Message, Quota, Reservation
 from ozwell_asgi.wire.chat import ChatCompletionRequest
 from tests.test_admission import call_raw
@@ -221,3 +223,20 @@ async def test_a_finished_stream_leaves_no_watcher_and_no_cancellation() -> None
     assert frames[-2] == b"data: [DONE]\n\n" and frames[-1] == b""
     await anyio.sleep(0.01)  # were the task cancelled by the watcher, this would raise
     assert set(asyncio.all_tasks()) <= before
+
+
+# ------------------------------------------------------------------------------------------------ the tokenizer
+
+
+def test_the_direct_tokenizer_path_agrees_with_the_wrapper() -> None:
+    tokenizer = BPETokenizer()
+    wrapper = tokenizer._load()
+    assert tokenizer._direct is not None  # the path under test is taken
+    rng = random.Random(11)
+    alphabet = "abc XYZ  \n\t,.!?éü中文🎉0123456789'\"{}[]:<|>"
+    texts = ["", " ", "Hello, Ozwell! How are you today?", "<|endoftext|>", "a\ud800b", "x" * 60_000, "🎉" * 50_000]
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 400))) for _ in range(2000)]
+    for text in texts:
+        expected = wrapper.encode_ordinary(text) if text else []
+        assert tokenizer.encode(text) == expected, text[:40]
+        assert tokenizer.count(text) == len(expected), text[:40]
