@@ -29,6 +29,41 @@ def _too_large(cap: int) -> PayloadTooLargeError:
 DEFAULT_IDLE_TIMEOUT = 15.0
 
 
+class _IdleTimer:
+    """Cancels ``task`` once ``timeout`` seconds pass without :meth:`progress`: one timer handle per read, and
+    progress only notes the time (the handle is re-armed when it fires early, never per piece of body)."""
+
+    __slots__ = ("_cancelling", "_handle", "_last", "_loop", "_task", "_timeout", "fired")
+
+    def __init__(self, timeout: float) -> None:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None  # an ASGI app always runs in a task
+        self._loop, self._task, self._timeout = loop, task, timeout
+        self._cancelling = task.cancelling()
+        self._last = loop.time()
+        self._handle = loop.call_at(self._last + timeout, self._check)
+        self.fired = False
+
+    def progress(self) -> None:
+        self._last = self._loop.time()
+
+    def _check(self) -> None:
+        deadline = self._last + self._timeout
+        if self._loop.time() < deadline:  # something arrived since it was armed: wait for the rest
+            self._handle = self._loop.call_at(deadline, self._check)
+            return
+        self.fired = True
+        self._task.cancel()
+
+    def expired(self) -> bool:
+        """Whether the cancellation being handled is this timer's alone (as :func:`asyncio.timeout` decides)."""
+        return self.fired and self._task.uncancel() <= self._cancelling
+
+    def stop(self) -> None:
+        self._handle.cancel()
+
+
 async def read_json_body(request: Request, cap: int, idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> bytes:
     """The whole body, if it is JSON (or untyped) and at most ``cap`` bytes; 415/413 otherwise.
 
@@ -52,24 +87,27 @@ async def read_json_body(request: Request, cap: int, idle_timeout: float = DEFAU
     chunks: list[bytes] = []
     size = 0
     receive = request.receive
-    clock = asyncio.get_running_loop().time
+    idle = _IdleTimer(idle_timeout)
     try:
-        async with asyncio.timeout_at(clock() + idle_timeout) as idle:
-            while True:
-                message = await receive()
-                if message["type"] != "http.request":  # http.disconnect
-                    raise InvalidRequestError("The client disconnected before sending the whole request body.")
-                chunk: bytes = message.get("body", b"")
-                if chunk:
-                    size += len(chunk)
-                    if size > cap:
-                        raise _too_large(cap)
-                    chunks.append(chunk)
-                if not message.get("more_body", False):
-                    break
-                idle.reschedule(clock() + idle_timeout)
-    except TimeoutError:
-        raise RequestTimeoutError(
-            f"The request body stopped arriving: nothing was received for {idle_timeout:g} seconds."
-        ) from None
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # http.disconnect
+                raise InvalidRequestError("The client disconnected before sending the whole request body.")
+            chunk: bytes = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > cap:
+                    raise _too_large(cap)
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+            idle.progress()
+    except asyncio.CancelledError:
+        if idle.expired():
+            raise RequestTimeoutError(
+                f"The request body stopped arriving: nothing was received for {idle_timeout:g} seconds."
+            ) from None
+        raise
+    finally:
+        idle.stop()
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)

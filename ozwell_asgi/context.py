@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
-import anyio
 from starlette.requests import Request
 
 from .auth import Authenticator, KeyManager, model_allowed, require_scope
@@ -115,7 +115,8 @@ class Services:
             request_id=self.request_id(request),
             principal=principal,
             endpoint=endpoint,
-            deadline=anyio.current_time() + self.settings.call_timeout,
+            # anyio.current_time() on asyncio (the app's loop), without anyio's per-call backend lookup
+            deadline=asyncio.get_running_loop().time() + self.settings.call_timeout,
             max_tokens=max_tokens,
         )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, Sequence
 from contextlib import aclosing
 
@@ -45,26 +46,34 @@ class SSEResponse:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await send({"type": "http.response.start", "status": 200, "headers": [*_HEADERS, *self.headers]})
-        async with aclosing(self.frames) as frames, anyio.create_task_group() as tg:
+        finished = False
+        # Cancelled only if the client goes away; a cancel scope, so shielded steps (settling) still finish.
+        with anyio.CancelScope() as gone:
 
             async def watch_disconnect() -> None:
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        tg.cancel_scope.cancel()
-                        return
+                try:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                except Exception:  # a server that cannot say: stop watching, the stream goes on
+                    return
+                if not finished:
+                    gone.cancel()
 
-            tg.start_soon(watch_disconnect)
+            # A plain task, not a task group: it is cancelled when the stream ends and nothing waits for it.
+            watcher = asyncio.get_running_loop().create_task(watch_disconnect())
             try:
-                sent = 0
-                async for frame in frames:
-                    await send({"type": "http.response.body", "body": frame, "more_body": True})
-                    sent += 1
-                    if sent == YIELD_EVERY:
-                        sent = 0
-                        await anyio.lowlevel.checkpoint()
+                async with aclosing(self.frames) as frames:
+                    sent = 0
+                    async for frame in frames:
+                        await send({"type": "http.response.body", "body": frame, "more_body": True})
+                        sent += 1
+                        if sent == YIELD_EVERY:
+                            sent = 0
+                            await anyio.lowlevel.checkpoint()
+                finished = True
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             except OSError:  # the client went away (ASGI 2.4 servers raise on send)
                 pass
             finally:
-                tg.cancel_scope.cancel()
+                finished = True
+                watcher.cancel()

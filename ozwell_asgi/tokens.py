@@ -50,12 +50,23 @@ class Tokenizer(Protocol):
         ...
 
 
+# Texts up to this many characters go straight to bpe-openai's Rust tokenizer: at most 200,000 UTF-8 bytes, so at
+# most as many tokens, which is within every limit its Python wrapper checks (1,000,000 characters, 200,000 tokens).
+_DIRECT_MAX_CHARS = 50_000
+
+
 class BPETokenizer:
-    """OpenAI's byte-pair encodings from ``bpe-openai`` (offline). Thread-safe; loads on :meth:`warm`."""
+    """OpenAI's byte-pair encodings from ``bpe-openai`` (offline). Thread-safe; loads on :meth:`warm`.
+
+    Texts of at most 50,000 characters are tokenized by the package's Rust tokenizer directly, skipping its
+    wrapper's copy of the text, metrics and limit checks (which such texts cannot reach); the tokens are the
+    same. Longer texts, and texts the UTF-8 codec refuses (lone surrogates), take the wrapper's path.
+    """
 
     def __init__(self, encoding: str = "o200k_base") -> None:
         self.encoding_name = encoding
         self._enc: Any = None
+        self._direct: Any = None
         self._lock = threading.Lock()
 
     def _load(self) -> Any:
@@ -63,7 +74,11 @@ class BPETokenizer:
             if self._enc is None:
                 import bpe_openai
 
-                self._enc = bpe_openai.get_encoding(self.encoding_name)
+                enc = bpe_openai.get_encoding(self.encoding_name)
+                direct = getattr(enc, "_backend", None)
+                if callable(getattr(direct, "encode", None)) and callable(getattr(direct, "count", None)):
+                    self._direct = direct
+                self._enc = enc
             return self._enc
 
     async def warm(self) -> None:
@@ -78,6 +93,12 @@ class BPETokenizer:
     def encode(self, text: str) -> list[int]:
         if not text:
             return []
+        direct = self._direct
+        if direct is not None and len(text) <= _DIRECT_MAX_CHARS:
+            try:
+                return list(direct.encode(text))
+            except UnicodeEncodeError:
+                pass  # the wrapper replaces what UTF-8 cannot encode
         try:
             tokens: list[int] = self._encoding.encode_ordinary(text)
         except ValueError:  # bpe-openai refuses pathological single chunks; count them in pieces
@@ -95,6 +116,12 @@ class BPETokenizer:
         return data
 
     def count(self, text: str) -> int:
+        direct = self._direct
+        if direct is not None and 0 < len(text) <= _DIRECT_MAX_CHARS:
+            try:
+                return int(direct.count(text))
+            except UnicodeEncodeError:
+                pass
         return len(self.encode(text))
 
 
