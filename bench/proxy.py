@@ -1,26 +1,31 @@
-"""What the proxy costs: ``OzwellAPI(backend=OpenAICompatibleBackend(...))`` in front of another ozwell-asgi,
-against calling that upstream directly, side by side in one run.
+"""What the proxy costs: ``OzwellAPI(backend=OpenAICompatibleBackend(...))`` in front of an upstream, against calling
+that upstream directly, side by side in one run, in two cases:
 
-    python bench/proxy.py                      # non-streaming and streaming chat
+- ``echo`` (CPU-bound): the upstream is ``ozwell-asgi serve`` with the echo backend, which answers at once. Proxy,
+  upstream and ``wrk`` share the machine's cores, so a proxied request costs the proxy's CPU on top of the upstream's:
+  the throughput ratio measures the proxy's CPU per request against the upstream's, not what a deployment sees.
+- ``model`` (latency-bound): the upstream is ``bench/model_server.py``, paced like a model server (first token after
+  ``--ttft-ms``, then ``--tokens`` tokens ``--interval-ms`` apart). The upstream's time dominates, as it does in a
+  deployment: added latency and the throughput ratio are what a client of the proxy sees.
+
+    python bench/proxy.py                          # both cases, non-streaming and streaming chat
     python bench/proxy.py --rounds 5 --seconds 6
+    python bench/proxy.py --cpu                    # the backend's CPU per call, in-process (no wrk)
 
-The upstream is ``ozwell-asgi serve`` (echo backend, SQLite key store, in-memory limiter); the proxy is the same app
-with the OpenAI-compatible backend pointed at the upstream, under the same uvicorn settings, sharing the key store
-(one enterprise key with huge budgets works on both; each side still counts every request). ``wrk`` drives both
-with the same request, alternating rounds so drift hits both equally:
-
-- added latency: ``wrk -c1 --latency`` (one request at a time), p50 and p99 through the proxy minus direct;
-- throughput: ``wrk -c16``, proxy / direct requests per second.
-
-Every answer is checked once first (the proxy must answer exactly as the upstream does), and any non-2xx answer
-during a round fails the run. Goal: under 1 ms added at p50, at least 0.7x the direct throughput. On one machine
-the proxy and the upstream share the CPUs (the proxied request costs both processes' work), so throughput is
-bounded by the cores there are, not by the proxy alone.
+The proxy is the app with the OpenAI-compatible backend pointed at the upstream (``bench.proxy:proxy_app``), under
+the uvicorn settings ``serve`` uses, with its own key store (the ``echo`` upstream shares it: one enterprise key with
+huge budgets works on both, and each side still authenticates, validates, counts and rate-limits every request; the
+model server takes the same key as its bearer token). ``wrk`` drives both sides with the same request, alternating
+rounds so drift hits both equally. Every answer is checked once first, and a non-2xx answer during a round fails the
+run. ``echo``: added latency from ``wrk -c1 --latency`` rounds (one request at a time), throughput from ``wrk
+-c16`` rounds. ``model``: both from ``wrk -c16 --latency`` rounds (at one connection a round holds too few requests
+for a p99). Goal: under 1 ms added at p50, at least 0.7x the direct throughput.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import re
@@ -29,6 +34,8 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +43,10 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.run import Servers, body, check, free_port  # noqa: E402
+from bench.run import MESSAGE, Servers, free_port  # noqa: E402
 
 _UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0}
+MODEL = "bench-model"  # bench/model_server.py's
 
 
 def proxy_app() -> Any:
@@ -56,12 +64,38 @@ def proxy_app() -> Any:
     return _ServedApp(api, limiter)
 
 
-def wrk(url: str, key: str, stream: bool, seconds: int, connections: int, workdir: Path) -> dict[str, float]:
+def body(model: str, stream: bool) -> str:
+    return json.dumps({"model": model, "messages": [{"role": "user", "content": MESSAGE}], "stream": stream})
+
+
+def check(url: str, key: str, model: str, stream: bool) -> str:
+    """One answer, checked: a complete chat.completion or event stream. Returns its text."""
+    request = urllib.request.Request(
+        url,
+        data=body(model, stream).encode(),
+        headers={"content-type": "application/json", "authorization": f"Bearer {key}"},
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        raw = response.read().decode()
+    if not stream:
+        return str(json.loads(raw)["choices"][0]["message"]["content"])
+    assert raw.rstrip().endswith("data: [DONE]"), raw[-200:]
+    pieces = []
+    for line in raw.splitlines():
+        if line.startswith("data: {"):
+            chunk = json.loads(line[6:])
+            pieces += [c["delta"].get("content") or "" for c in chunk["choices"]]
+    return "".join(pieces)
+
+
+def wrk(
+    url: str, key: str, model: str, stream: bool, seconds: int, connections: int, workdir: Path
+) -> dict[str, float]:
     """One wrk round: requests/second, and the p50/p99 latency in milliseconds."""
-    script = workdir / f"proxy-{'stream' if stream else 'plain'}.lua"
+    script = workdir / f"proxy-{model}-{'stream' if stream else 'plain'}.lua"
     script.write_text(
         'wrk.method = "POST"\n'
-        f"wrk.body = {json.dumps(body(stream))}\n"
+        f"wrk.body = {json.dumps(body(model, stream))}\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
         f'wrk.headers["Authorization"] = "Bearer {key}"\n'
     )
@@ -84,22 +118,30 @@ def wrk(url: str, key: str, stream: bool, seconds: int, connections: int, workdi
     return found
 
 
-def measure(direct: str, proxy: str, key: str, stream: bool, args: argparse.Namespace, workdir: Path) -> dict:
-    """Latency rounds (one connection) first, then throughput rounds, each alternating who goes first."""
-    check(direct, key, stream)
-    check(proxy, key, stream)
+def measure(
+    direct: str,
+    proxy: str,
+    key: str,
+    model: str,
+    stream: bool,
+    plan: list[tuple[int, bool, bool]],
+    args: argparse.Namespace,
+    workdir: Path,
+) -> dict[str, float]:
+    """Rounds at each (connections, take latency, take throughput) of ``plan``, alternating who goes first."""
+    assert check(direct, key, model, stream) == check(proxy, key, model, stream)  # the proxy answers as the upstream
     runs: dict[str, dict[str, list[float]]] = {side: {"p50": [], "p99": [], "rps": []} for side in ("direct", "proxy")}
-    for connections in (1, args.connections):
+    for connections, latency, throughput in plan:
         for url in (direct, proxy):  # warm both: connections, caches, the upstream pool
-            wrk(url, key, stream, 1, connections, workdir)
+            wrk(url, key, model, stream, 1, connections, workdir)
         for i in range(args.rounds):
             order = [("direct", direct), ("proxy", proxy)]
             for side, url in order if i % 2 == 0 else reversed(order):
-                result = wrk(url, key, stream, args.seconds, connections, workdir)
-                if connections == 1:
+                result = wrk(url, key, model, stream, args.seconds, connections, workdir)
+                if latency:
                     runs[side]["p50"].append(result["p50"])
                     runs[side]["p99"].append(result["p99"])
-                else:
+                if throughput:
                     runs[side]["rps"].append(result["rps"])
     d, p = runs["direct"], runs["proxy"]
     return {
@@ -109,22 +151,32 @@ def measure(direct: str, proxy: str, key: str, stream: bool, args: argparse.Name
         "direct_p99_ms": round(statistics.median(d["p99"]), 3),
         "proxy_p99_ms": round(statistics.median(p["p99"]), 3),
         "added_p99_ms": round(statistics.median(p["p99"]) - statistics.median(d["p99"]), 3),
-        "direct_rps": round(sum(d["rps"]) / len(d["rps"])),
-        "proxy_rps": round(sum(p["rps"]) / len(p["rps"])),
+        "direct_rps": round(sum(d["rps"]) / len(d["rps"]), 1),
+        "proxy_rps": round(sum(p["rps"]) / len(p["rps"]), 1),
         "throughput_ratio": round(sum(p["rps"]) / sum(d["rps"]), 3),
     }
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--seconds", type=int, default=5)
-    parser.add_argument("--connections", type=int, default=16)
-    args = parser.parse_args()
-    if not shutil.which("wrk"):
-        print("wrk is required: apt-get install wrk", file=sys.stderr)
-        return 2
-    results: dict[str, dict] = {}
+def start_proxy(servers: Servers, upstream: str, key: str) -> str:
+    port = free_port()
+    env = {**servers.env, "BENCH_UPSTREAM": upstream, "BENCH_UPSTREAM_KEY": key, "BENCH_STORE": servers.store}
+    # The uvicorn settings `ozwell-asgi serve` uses by default (ozwell_asgi/cli.py): log level info.
+    cmd = [sys.executable, "-m", "uvicorn", "bench.proxy:proxy_app", "--factory", "--port", str(port)]
+    servers.start([*cmd, "--log-level", "info", "--lifespan", "on"], port, env)
+    return f"http://127.0.0.1:{port}/v1/chat/completions"
+
+
+def start_model_server(servers: Servers, key: str, ttft: float, tokens: int, interval: float) -> str:
+    port = free_port()
+    env = {**servers.env, "BENCH_KEY": key, "BENCH_TTFT": str(ttft), "BENCH_TOKENS": str(tokens)}
+    env["BENCH_INTERVAL"] = str(interval)
+    cmd = [sys.executable, "-m", "uvicorn", "bench.model_server:app", "--port", str(port), "--log-level", "info"]
+    servers.start(cmd, port, env)
+    return f"http://127.0.0.1:{port}/v1"
+
+
+def run_wrk(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
+    results: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         servers = Servers(workdir)
@@ -133,25 +185,108 @@ def main() -> int:
                 "keys", "create", "--name", "bench", "--plan", "enterprise", "--rpm", "1000000000",
                 "--tpm", "1000000000000", "--store", servers.store,
             )  # fmt: skip
-            upstream = f"http://127.0.0.1:{servers.serve()}/v1"
-            port = free_port()
-            env = {**servers.env, "BENCH_UPSTREAM": upstream, "BENCH_UPSTREAM_KEY": key, "BENCH_STORE": servers.store}
-            # The uvicorn settings `ozwell-asgi serve` uses by default (ozwell_asgi/cli.py): log level info.
-            cmd = [sys.executable, "-m", "uvicorn", "bench.proxy:proxy_app", "--factory", "--port", str(port)]
-            servers.start([*cmd, "--log-level", "info", "--lifespan", "on"], port, env)
-            proxy = f"http://127.0.0.1:{port}/v1/chat/completions"
-            for stream in (False, True):
-                name = "streaming" if stream else "non-streaming"
-                r = results[name] = measure(upstream + "/chat/completions", proxy, key, stream, args, workdir)
-                print(
-                    f"{name:>14}: added p50 {r['added_p50_ms']:.3f} ms (direct {r['direct_p50_ms']:.3f}), "
-                    f"added p99 {r['added_p99_ms']:.3f} ms (direct {r['direct_p99_ms']:.3f}); "
-                    f"proxy {r['proxy_rps']} req/s, direct {r['direct_rps']} req/s, ratio {r['throughput_ratio']:.3f}",
-                    flush=True,
-                )
+            cases = []
+            if "echo" in args.cases:
+                echo = f"http://127.0.0.1:{servers.serve()}/v1"
+                plan = [(1, True, False), (args.connections, False, True)]
+                cases.append(("echo", echo, "echo", plan))
+            if "model" in args.cases:
+                model = start_model_server(servers, key, args.ttft_ms / 1000, args.tokens, args.interval_ms / 1000)
+                cases.append(("model", model, MODEL, [(args.connections, True, True)]))
+            for case, upstream, model_name, plan in cases:
+                proxy = start_proxy(servers, upstream, key)
+                results[case] = {}
+                for stream in (False, True):
+                    name = "stream" if stream else "non-stream"
+                    direct = upstream + "/chat/completions"
+                    r = results[case][name] = measure(direct, proxy, key, model_name, stream, plan, args, workdir)
+                    print(
+                        f"{case:>5} {name:>10}: added p50 {r['added_p50_ms']:.3f} ms (direct "
+                        f"{r['direct_p50_ms']:.3f}), added p99 {r['added_p99_ms']:.3f} ms (direct "
+                        f"{r['direct_p99_ms']:.3f}); proxy {r['proxy_rps']:.0f} req/s, direct {r['direct_rps']:.0f} "
+                        f"req/s, ratio {r['throughput_ratio']:.3f}",
+                        flush=True,
+                    )
         finally:
             servers.stop()
-    print(json.dumps(results))
+    return results
+
+
+# -- CPU per backend call, in-process ------------------------------------------------------------------------------
+
+
+async def _cpu(url: str, key: str, calls: int, reps: int) -> dict[str, float]:
+    """CPU milliseconds per backend call, at 1 and 16 calls at a time: the least of ``reps`` runs of ``calls`` (other
+    work on the machine only ever adds to it), and the median."""
+    from ozwell_asgi.backends.openai_compatible import OpenAICompatibleBackend
+    from ozwell_asgi.types import Call, Principal, Quota
+    from ozwell_asgi.wire.chat import ChatCompletionRequest, parse_chat_request
+
+    principal = Principal(key_id="key_bench", owner="bench", plan="enterprise", quota=Quota(None, None))
+    backend = OpenAICompatibleBackend(url, key)
+    results: dict[str, float] = {}
+    try:
+        for stream in (False, True):
+            request = parse_chat_request(body(MODEL, stream))
+
+            async def worker(n: int, request: ChatCompletionRequest = request, stream: bool = stream) -> None:
+                for _ in range(n):
+                    call = Call(
+                        request_id="req_bench", principal=principal, endpoint="chat.completions", max_tokens=1024
+                    )
+                    if stream:
+                        async for _ in backend.stream_chat(request, call):
+                            pass
+                    else:
+                        await backend.complete_chat(request, call)
+
+            for concurrency in (1, 16):
+                await asyncio.gather(*(worker(20) for _ in range(concurrency)))  # warm: connections, caches
+                samples = []
+                for _ in range(reps):
+                    start = time.process_time()
+                    await asyncio.gather(*(worker(calls // concurrency) for _ in range(concurrency)))
+                    samples.append((time.process_time() - start) / (calls // concurrency * concurrency))
+                name = f"{'stream' if stream else 'non-stream'} c{concurrency}"
+                results[name] = round(min(samples) * 1000, 3)
+                results[name + " median"] = round(statistics.median(samples) * 1000, 3)
+                print(f"{name:>14}: {results[name]:.3f} ms CPU per call (min of {reps} runs of {calls}; median "
+                      f"{results[name + ' median']:.3f})", flush=True)  # fmt: skip
+    finally:
+        await backend.aclose()
+    return results
+
+
+def run_cpu(args: argparse.Namespace) -> dict[str, float]:
+    """The backend's CPU per call against bench/model_server.py (no delays, 8 tokens) in another process."""
+    with tempfile.TemporaryDirectory() as tmp:
+        servers = Servers(Path(tmp))
+        try:
+            url = start_model_server(servers, "bench", 0.0, 8, 0.0)
+            return asyncio.run(_cpu(url, "bench", args.calls, args.rounds))
+        finally:
+            servers.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--seconds", type=int, default=5)
+    parser.add_argument("--connections", type=int, default=16)
+    parser.add_argument("--cases", default="echo,model", help="comma-separated: echo, model")
+    parser.add_argument("--ttft-ms", type=float, default=20.0, help="model server: time to the first token")
+    parser.add_argument("--tokens", type=int, default=32, help="model server: tokens per answer")
+    parser.add_argument("--interval-ms", type=float, default=5.0, help="model server: time between tokens")
+    parser.add_argument("--cpu", action="store_true", help="only the backend's CPU per call, in-process")
+    parser.add_argument("--calls", type=int, default=400, help="--cpu: calls per run")
+    args = parser.parse_args()
+    if args.cpu:
+        print(json.dumps(run_cpu(args)))
+        return 0
+    if not shutil.which("wrk"):
+        print("wrk is required: apt-get install wrk", file=sys.stderr)
+        return 2
+    print(json.dumps(run_wrk(args)))
     return 0
 
 
