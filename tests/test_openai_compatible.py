@@ -547,6 +547,46 @@ async def test_one_pooled_client_closed_by_aclose(backend: OpenAICompatibleBacke
     assert len({r.client_port for r in fault.received}) == 2
 
 
+async def test_the_pool_bounds_connections_and_waits_for_a_free_one(
+    fault_server: tuple[FaultUpstream, str], fault: FaultUpstream
+) -> None:
+    limits = httpx.Limits(max_connections=2, max_keepalive_connections=2, keepalive_expiry=60)
+    upstream = OpenAICompatibleBackend(
+        fault_server[1] + "/v1", timeout=httpx.Timeout(5.0, connect=2.0, pool=0.3), limits=limits
+    )
+    try:
+        answers: list[str] = []
+
+        async def ask_one() -> None:
+            answers.append(text(await collect(upstream, chat("ok"))))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(ask_one)
+        assert answers == ["".join(ANSWER)] * 8
+        assert len({r.client_port for r in fault.received}) <= 2  # 8 requests, 2 connections
+        first, second = upstream.stream_chat(chat("hang"), call()), upstream.stream_chat(chat("hang"), call())
+        await anext(first)
+        await anext(second)
+        with pytest.raises(GatewayTimeoutError):  # both connections busy: no free one within the pool timeout
+            await collect(upstream, chat("ok"))
+        await first.aclose()  # type: ignore[attr-defined]
+        assert text(await collect(upstream, chat("ok"))) == "".join(ANSWER)
+        await second.aclose()  # type: ignore[attr-defined]
+    finally:
+        await upstream.aclose()
+    fault.reset()
+    no_idle = OpenAICompatibleBackend(
+        fault_server[1] + "/v1", timeout=FAST, limits=httpx.Limits(max_keepalive_connections=0)
+    )
+    try:
+        for _ in range(3):
+            await collect(no_idle, chat("ok"))
+    finally:
+        await no_idle.aclose()
+    assert len({r.client_port for r in fault.received}) == 3  # none kept idle: a new connection each time
+
+
 async def test_a_client_passed_in_is_left_open(fault_server: tuple[FaultUpstream, str]) -> None:
     async with httpx.AsyncClient(timeout=FAST) as client:
         upstream = OpenAICompatibleBackend(fault_server[1] + "/v1", client=client)

@@ -26,10 +26,13 @@ Guarantees:
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import fnmatch
 import logging
+import math
 import re
+import ssl
 import struct
 import time
 import urllib.request
@@ -437,6 +440,7 @@ _UNANSWERED = (
     httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError,
     httpcore.ConnectError, httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError,
 )  # fmt: skip
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 _INFLATE_PIECE = 256 * 1024  # the most one piece of a compressed body may grow into before the caller's cap is checked
 
 
@@ -490,11 +494,113 @@ async def _inflate(pieces: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
         raise _BrokenBody from None
 
 
-class _CoreAnswer:
-    __slots__ = ("_response", "status")
+class _Connections:
+    """HTTP/1.1 connections to one origin, each an ``httpcore.AsyncHTTP11Connection`` (h11 and its state machine),
+    the most recently used taken first. Only the connection taken is checked (expired, or closed by the server):
+    httpcore's own pool checks every connection on each request and on each response's close, which at 16
+    connections costs more than the request itself. At most ``max_connections`` are open (a request waits up to the
+    pool timeout for one); at most ``max_keepalive_connections`` stay idle, each for ``keepalive_expiry`` seconds."""
 
-    def __init__(self, response: httpcore.Response) -> None:
+    def __init__(self, base: httpx.URL, limits: httpx.Limits, timeout: httpx.Timeout) -> None:
+        self._origin = httpcore.Origin(base.raw_scheme, base.raw_host, base.port or _DEFAULT_PORTS[base.scheme])
+        self._host = base.raw_host.decode("ascii")
+        self._ssl_context: ssl.SSLContext | None = None
+        if base.scheme == "https":
+            self._ssl_context = httpx.create_ssl_context()
+            self._ssl_context.set_alpn_protocols(["http/1.1"])
+        self._network = httpcore.AnyIOBackend()
+        self._connect_timeout = timeout.connect
+        self._pool_timeout = timeout.pool
+        self._expiry = limits.keepalive_expiry
+        self._max_idle = limits.max_keepalive_connections
+        limit = limits.max_connections
+        self._slots = anyio.Semaphore(limit) if limit is not None else None
+        self._idle: collections.deque[tuple[float, httpcore.AsyncHTTP11Connection]] = collections.deque()
+        self._open: set[httpcore.AsyncHTTP11Connection] = set()
+
+    async def send(self, request: httpcore.Request) -> _CoreAnswer:
+        slots = self._slots
+        if slots is not None:
+            try:
+                slots.acquire_nowait()
+            except anyio.WouldBlock:
+                try:
+                    with anyio.fail_after(self._pool_timeout):
+                        await slots.acquire()
+                except TimeoutError:
+                    raise httpcore.PoolTimeout("No connection became free in time.") from None
+        try:
+            connection = await self._take()
+            try:
+                response = await connection.handle_async_request(request)
+            except BaseException:
+                self._open.discard(connection)  # closed by httpcore already
+                raise
+        except BaseException:
+            if slots is not None:
+                slots.release()
+            raise
+        return _CoreAnswer(response, self, connection)
+
+    async def _take(self) -> httpcore.AsyncHTTP11Connection:
+        idle = self._idle
+        if idle:
+            now = time.monotonic()
+            while idle and idle[0][0] <= now:  # the oldest first: their time is up
+                await self._close(idle.popleft()[1])
+            while idle:
+                connection = idle.pop()[1]
+                if not connection.has_expired():  # expired, or the server closed it (its socket reads EOF)
+                    return connection
+                await self._close(connection)
+        stream = await self._network.connect_tcp(self._host, self._origin.port, timeout=self._connect_timeout)
+        if self._ssl_context is not None:
+            try:
+                stream = await stream.start_tls(self._ssl_context, self._host, timeout=self._connect_timeout)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()
+                raise
+        connection = httpcore.AsyncHTTP11Connection(self._origin, stream, keepalive_expiry=self._expiry)
+        self._open.add(connection)
+        return connection
+
+    async def give_back(self, connection: httpcore.AsyncHTTP11Connection) -> None:
+        """After its response was closed: kept for the next request, or closed."""
+        if self._slots is not None:
+            self._slots.release()
+        if (
+            connection.is_idle()
+            and connection in self._open
+            and (self._max_idle is None or len(self._idle) < self._max_idle)
+        ):
+            expiry = self._expiry
+            self._idle.append((math.inf if expiry is None else time.monotonic() + expiry, connection))
+        else:
+            await self._close(connection)
+
+    async def _close(self, connection: httpcore.AsyncHTTP11Connection) -> None:
+        self._open.discard(connection)
+        if not connection.is_closed():
+            await connection.aclose()
+
+    async def aclose(self) -> None:
+        """Close every connection, idle or answering (a response still being read then fails)."""
+        connections, self._open = self._open, set()
+        self._idle.clear()
+        for connection in connections:
+            await connection.aclose()
+
+
+class _CoreAnswer:
+    __slots__ = ("_connection", "_pool", "_response", "status")
+
+    def __init__(
+        self, response: httpcore.Response, pool: _Connections, connection: httpcore.AsyncHTTP11Connection
+    ) -> None:
         self._response = response
+        self._pool: _Connections | None = pool
+        self._connection = connection
         self.status = response.status
 
     def header(self, name: str) -> str | None:
@@ -512,22 +618,21 @@ class _CoreAnswer:
         return pieces  # identity, or a coding we never ask for: left as it is (then it is malformed)
 
     async def aclose(self) -> None:
-        await self._response.aclose()
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await self._response.aclose()  # the connection is idle again if the answer was read to its end
+            finally:
+                await pool.give_back(self._connection)
 
 
 class _CoreSender:
-    """Requests on httpcore's HTTP/1.1 connection pool: no Request/Response models of httpx, no URL merging, no
-    cookies, no hooks; the request line and headers are built once per endpoint. Sends ``accept-encoding: gzip,
-    deflate`` (identity for event streams) and decompresses what comes back, as httpx would."""
+    """Requests on httpcore's HTTP/1.1 connections (:class:`_Connections`): no Request/Response models of httpx, no
+    URL merging, no cookies, no hooks; the URL and headers are built once. Sends ``accept-encoding: gzip, deflate``
+    (identity for event streams) and decompresses what comes back, as httpx would."""
 
     def __init__(self, base: httpx.URL, timeout: httpx.Timeout, limits: httpx.Limits, headers: dict[str, str]) -> None:
-        ssl_context = httpx.create_ssl_context() if base.scheme == "https" else None
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=ssl_context,
-            max_connections=limits.max_connections,
-            max_keepalive_connections=limits.max_keepalive_connections,
-            keepalive_expiry=limits.keepalive_expiry,
-        )
+        self._pool = _Connections(base, limits, timeout)
         self._base = base
         self._extensions = {"timeout": timeout.as_dict()}
         common = [(b"host", base.netloc), *((k.encode(), v.encode()) for k, v in headers.items())]
@@ -557,7 +662,7 @@ class _CoreSender:
             content=body,
             extensions=self._extensions,
         )
-        return _CoreAnswer(await self._pool.handle_async_request(request))
+        return await self._pool.send(request)
 
     async def aclose(self) -> None:
         await self._pool.aclose()
