@@ -127,6 +127,16 @@ async def test_stream_yields_each_chunk_with_what_the_upstream_sent(
     assert sent.headers["accept"] == "text/event-stream"
 
 
+@pytest.mark.parametrize("size", [10, 70_000, 1_000_000])
+async def test_a_request_body_of_any_size_goes_upstream_whole(
+    backend: OpenAICompatibleBackend, fault: FaultUpstream, size: int
+) -> None:
+    # The head waits for the body to leave in one send when both are small; a large body goes on its own.
+    content = "x" * size
+    await collect(backend, chat("ok", messages=[{"role": "user", "content": content}]))
+    assert fault.last().body["messages"][0]["content"] == content
+
+
 async def test_the_bound_goes_upstream_under_one_name(backend: OpenAICompatibleBackend, fault: FaultUpstream) -> None:
     await collect(backend, chat("ok", max_tokens=10), max_tokens=64)
     assert fault.last().body["max_completion_tokens"] == 10

@@ -32,6 +32,8 @@ import fnmatch
 import logging
 import math
 import re
+import select
+import socket
 import ssl
 import struct
 import time
@@ -441,6 +443,8 @@ _UNANSWERED = (
     httpcore.ConnectError, httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError,
 )  # fmt: skip
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_poll = getattr(select, "poll", None)  # select.select is limited to descriptors under 1024
+_HOLD = 64 * 1024  # a write up to this size waits for the next (a request's head for its body)
 _INFLATE_PIECE = 256 * 1024  # the most one piece of a compressed body may grow into before the caller's cap is checked
 
 
@@ -492,6 +496,66 @@ async def _inflate(pieces: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
             yield out
     except zlib.error:
         raise _BrokenBody from None
+
+
+class _Stream(httpcore.AsyncNetworkStream):
+    """A connection's byte stream that holds a small write back until the next write or read, so that a request's
+    head and body leave in one send (httpcore writes them apart: two system calls, two segments on the wire), and
+    that answers ``is_readable`` from the socket it keeps rather than through anyio's attribute table."""
+
+    __slots__ = ("_held", "_held_timeout", "_inner", "_socket")
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+        self._inner = inner
+        self._socket: socket.socket | None = inner.get_extra_info("socket")
+        self._held = b""
+        self._held_timeout: float | None = None
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109 (httpcore's)
+        if not buffer:
+            return
+        held = self._held
+        if held:
+            self._held = b""
+            if len(held) + len(buffer) <= _HOLD:
+                buffer = held + buffer
+            else:
+                await self._inner.write(held, self._held_timeout)
+        if len(buffer) <= _HOLD:
+            self._held, self._held_timeout = buffer, timeout
+        else:
+            await self._inner.write(buffer, timeout)
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109 (httpcore's)
+        if self._held:
+            held, self._held = self._held, b""
+            with contextlib.suppress(httpcore.WriteError):  # as httpcore does: the server may have answered early
+                await self._inner.write(held, self._held_timeout)
+        return await self._inner.read(max_bytes, timeout)
+
+    async def aclose(self) -> None:
+        self._held = b""
+        await self._inner.aclose()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's)
+    ) -> httpcore.AsyncNetworkStream:
+        return _Stream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable":  # asked of an idle connection: True when the server closed it
+            sock = self._socket
+            if sock is None or sock.fileno() < 0:
+                return True
+            if _poll is None:  # Windows
+                return bool(select.select([sock], [], [], 0)[0])
+            poller = _poll()
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(0))
+        return self._inner.get_extra_info(info)
 
 
 class _Connections:
@@ -561,7 +625,7 @@ class _Connections:
                 with anyio.CancelScope(shield=True):
                     await stream.aclose()
                 raise
-        connection = httpcore.AsyncHTTP11Connection(self._origin, stream, keepalive_expiry=self._expiry)
+        connection = httpcore.AsyncHTTP11Connection(self._origin, _Stream(stream), keepalive_expiry=self._expiry)
         self._open.add(connection)
         return connection
 
