@@ -682,6 +682,18 @@ def test_sse_decoder_byte_by_byte() -> None:
     assert decoder.close() == [(b"", b"tail")]
 
 
+def test_sse_decoder_splits_anywhere() -> None:
+    stream = (
+        b"data: a\r\n\r\n: ping\rdata: b\rdata: c\r\revent: e\ndata:d\n\ndata: \xe2\x82\xac\r\n\r\ndata: [DONE]\n\n"
+    )
+    want = [(b"", b"a"), (b"", b"b\nc"), (b"e", b"d"), (b"", "\u20ac".encode()), (b"", b"[DONE]")]
+    for first in range(len(stream) + 1):
+        for second in range(first, len(stream) + 1):
+            decoder = SSEDecoder()
+            pieces = (stream[:first], stream[first:second], stream[second:])
+            assert [e for p in pieces if p for e in decoder.feed(p)] + decoder.close() == want, (first, second)
+
+
 def test_sse_decoder_caps() -> None:
     with pytest.raises(BadGatewayError, match="over-long stream line"):
         SSEDecoder(max_size=10).feed(b"data: 0123456789")

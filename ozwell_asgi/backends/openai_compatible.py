@@ -31,7 +31,6 @@ import contextlib
 import fnmatch
 import logging
 import math
-import re
 import select
 import socket
 import ssl
@@ -39,7 +38,7 @@ import struct
 import time
 import urllib.request
 import zlib
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from http.cookiejar import DefaultCookiePolicy
 from typing import TYPE_CHECKING, Any, Literal, Protocol
@@ -90,7 +89,6 @@ MODELS_DEADLINE = 30.0  # seconds a model list fetch may take (requests wait for
 
 _RETRY_STATUSES = frozenset({502, 503, 504})
 _FINISH = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
-_EOL = re.compile(rb"\r\n?|\n")
 _DONE = b"[DONE]"
 
 
@@ -139,6 +137,9 @@ class _MessageIn(BaseModel):
     tool_calls: list[_ToolCallIn] | None = None
 
 
+_NO_MESSAGE = _MessageIn()  # a choice with neither (read, never changed)
+
+
 class _ChoiceIn(_In):
     index: int = 0
     delta: _MessageIn | None = None
@@ -158,6 +159,9 @@ class _ChatIn(_In):
     usage: _UsageIn | None = None
     error: Any = None
     message: Any = None
+
+
+_validate_chat = _ChatIn.__pydantic_validator__.validate_json  # model_validate_json, one call less per chunk
 
 
 class _EmbeddingIn(_In):
@@ -194,48 +198,65 @@ class _ModelsIn(_In):
 class SSEDecoder:
     """Incremental server-sent events: :meth:`feed` bytes as they arrive, get the complete events' ``(event,
     data)`` back. Lines end with LF, CRLF or CR; comments, ``id`` and ``retry`` are skipped. Bounded: a line or an
-    event over ``max_size`` bytes raises :class:`BadGatewayError`."""
+    event over ``max_size`` bytes raises :class:`BadGatewayError`. Linear: the pieces of an unfinished line are
+    joined once, when it ends."""
 
-    __slots__ = ("_after_cr", "_buffer", "_data", "_event", "_size", "max_size")
+    __slots__ = ("_after_cr", "_data", "_event", "_partial", "_partial_size", "_size", "max_size")
 
     def __init__(self, max_size: int = MAX_EVENT_SIZE) -> None:
         self.max_size = max_size
-        self._buffer = bytearray()
+        self._partial: list[bytes] = []  # the pieces of a line not ended yet
+        self._partial_size = 0
         self._data: list[bytes] = []
         self._event = b""
         self._size = 0
         self._after_cr = False
 
     def feed(self, piece: bytes) -> list[tuple[bytes, bytes]]:
-        if self._after_cr:
+        if self._after_cr:  # the last piece ended with CR: an LF now is the same line end
             self._after_cr = False
             if piece[:1] == b"\n":
                 piece = piece[1:]
-        buffer = self._buffer
-        buffer += piece
+        if b"\r" in piece:
+            self._after_cr = piece[-1:] == b"\r"
+            piece = piece.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        partial = self._partial
+        if b"\n" not in piece:
+            partial.append(piece)
+            self._partial_size += len(piece)
+            if self._partial_size > self.max_size:
+                raise BadGatewayError("The upstream model server sent an over-long stream line.")
+            return []
+        if partial:
+            partial.append(piece)
+            piece = b"".join(partial)
+            partial.clear()
+        lines = piece.split(b"\n")
+        rest = lines.pop()
         events: list[tuple[bytes, bytes]] = []
-        pos = 0
-        end = len(buffer)
-        while pos < end:
-            match = _EOL.search(buffer, pos)
-            if match is None:
-                break
-            if match.end() == end and buffer[end - 1] == 0x0D:  # a CR last: its LF may be in the next piece
-                self._after_cr = True
-            self._line(bytes(buffer[pos : match.start()]), events)
-            pos = match.end()
-        if pos:
-            del buffer[:pos]
-        if len(buffer) > self.max_size:
-            raise BadGatewayError("The upstream model server sent an over-long stream line.")
+        for line in lines:
+            if line[:5] == b"data:":  # the usual line, taken here rather than in _line
+                value = line[6:] if line[5:6] == b" " else line[5:]
+                self._size += len(value) + 1
+                if self._size > self.max_size:
+                    raise BadGatewayError("The upstream model server sent an over-long stream event.")
+                self._data.append(value)
+            else:
+                self._line(line, events)
+        self._partial_size = len(rest)
+        if rest:
+            if len(rest) > self.max_size:
+                raise BadGatewayError("The upstream model server sent an over-long stream line.")
+            partial.append(rest)
         return events
 
     def close(self) -> list[tuple[bytes, bytes]]:
         """The events still pending at the end of the stream (a last line or event with no terminator)."""
         events: list[tuple[bytes, bytes]] = []
-        if self._buffer:
-            self._line(bytes(self._buffer), events)
-            self._buffer.clear()
+        if self._partial:
+            self._line(b"".join(self._partial), events)
+            self._partial.clear()
+            self._partial_size = 0
         self._line(b"", events)
         return events
 
@@ -318,12 +339,16 @@ def _reasoning_and_extra(message: _MessageIn) -> tuple[str | None, dict[str, Any
     return reasoning, extra
 
 
-def _chunks(chunk: _ChatIn) -> Iterable[ChatChunk]:
+def _chunks(chunk: _ChatIn) -> list[ChatChunk]:
     """One ChatChunk per choice of an upstream chunk (its usage is taken apart by the caller)."""
+    chunks = []
     for choice in chunk.choices:
-        delta = choice.delta or choice.message or _MessageIn()
-        reasoning, extra = _reasoning_and_extra(delta)
-        calls = tuple(_tool_call_delta(i, c) for i, c in enumerate(delta.tool_calls or ()))
+        delta = choice.delta or choice.message or _NO_MESSAGE
+        if delta.model_extra or delta.reasoning_content is not None or delta.reasoning is not None:
+            reasoning, extra = _reasoning_and_extra(delta)
+        else:
+            reasoning = extra = None
+        calls = tuple(_tool_call_delta(i, c) for i, c in enumerate(delta.tool_calls)) if delta.tool_calls else ()
         if (
             delta.role is None
             and delta.content is None
@@ -335,19 +360,22 @@ def _chunks(chunk: _ChatIn) -> Iterable[ChatChunk]:
             and choice.logprobs is None
         ):
             continue  # an empty delta: nothing to pass on
-        yield ChatChunk(
-            index=choice.index,
-            role="assistant" if delta.role == "assistant" else None,
-            content=delta.content,
-            tool_calls=calls,
-            refusal=delta.refusal,
-            finish_reason=choice.finish_reason,
-            logprobs=choice.logprobs,
-            reasoning_content=reasoning,
-            model=chunk.model,
-            system_fingerprint=chunk.system_fingerprint,
-            extra=extra,
+        chunks.append(
+            ChatChunk(
+                index=choice.index,
+                role="assistant" if delta.role == "assistant" else None,
+                content=delta.content,
+                tool_calls=calls,
+                refusal=delta.refusal,
+                finish_reason=choice.finish_reason,
+                logprobs=choice.logprobs,
+                reasoning_content=reasoning,
+                model=chunk.model,
+                system_fingerprint=chunk.system_fingerprint,
+                extra=extra,
+            )
         )
+    return chunks
 
 
 def _result(answer: _ChatIn) -> ChatResult:
@@ -991,12 +1019,11 @@ class OpenAICompatibleBackend:
                 fields = None
             raise BadGatewayError(self._clean(fields[0]) if fields else "The upstream model server failed.")
         try:
-            chunk = _ChatIn.model_validate_json(data)
+            chunk: _ChatIn = _validate_chat(data)
         except ValidationError:
             raise BadGatewayError("The upstream model server sent a malformed stream.") from None
-        error = self._answer_error(chunk)
-        if error is not None:
-            raise error
+        if chunk.error is not None or chunk.object == "error":
+            raise self._answer_error(chunk) or BadGatewayError("The upstream model server failed.")
         return chunk
 
     def _answer_error(self, answer: _ChatIn | _EmbeddingsIn) -> OzwellError | None:
