@@ -3,9 +3,11 @@ answers ``POST /v1/chat/completions`` the way vLLM or Ollama do, paced like a mo
 
 A stream sends its first token ``BENCH_TTFT`` seconds after the request (the prompt's prefill), then one token
 every ``BENCH_INTERVAL`` seconds, ``BENCH_TOKENS`` tokens in all, then the finish chunk, the usage chunk (when
-``stream_options.include_usage``) and ``[DONE]``. A non-stream answer arrives whole after the same total time. With
-both delays 0 it answers at once (CPU-bound). ``BENCH_KEY``, when set, is the only bearer token accepted.
-``GET /v1/models`` lists one model. Frames are built once per (model, include_usage): its own CPU stays small.
+``stream_options.include_usage``) and ``[DONE]``. A non-stream answer arrives whole after the same total time, with
+its ``content-length``. The times are kept against the request's arrival, as a GPU keeps its pace whatever the CPU
+does: a late wake-up on a busy machine delays one token, not all that follow. With both delays 0 it answers at once
+(CPU-bound). ``BENCH_KEY``, when set, is the only bearer token accepted. ``GET /v1/models`` lists one model. Frames
+are built once per (model, include_usage): its own CPU stays small.
 """
 
 from __future__ import annotations
@@ -71,6 +73,7 @@ def _answer_for(model: str) -> bytes:
 
 
 async def _respond(send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    headers = [*headers, (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
@@ -89,24 +92,29 @@ async def _chat(receive: Any, send: Any) -> None:
             return
         if not message.get("more_body"):
             break
+    start = asyncio.get_running_loop().time()
     request = json.loads(b"".join(chunks))
     model = str(request.get("model", MODEL))
     if not request.get("stream"):
-        total = TTFT + INTERVAL * (TOKENS - 1)
-        if total:
-            await asyncio.sleep(total)
+        await _until(start + TTFT + INTERVAL * (TOKENS - 1))
         await _respond(send, 200, _JSON, _answer_for(model))
         return
     usage = bool((request.get("stream_options") or {}).get("include_usage"))
     frames = _frames_for(model, usage)
-    if TTFT:
-        await asyncio.sleep(TTFT)
+    await _until(start + TTFT)
     await send({"type": "http.response.start", "status": 200, "headers": _SSE})
     last = len(frames) - 1
     for i, frame in enumerate(frames):
-        if INTERVAL and 0 < i < last:
-            await asyncio.sleep(INTERVAL)
+        if 0 < i < last:
+            await _until(start + TTFT + INTERVAL * i)
         await send({"type": "http.response.body", "body": frame, "more_body": i < last})
+
+
+async def _until(moment: float) -> None:
+    """Sleep until ``moment`` (the loop's clock): a late wake-up delays one token, not every one after it."""
+    delay = moment - asyncio.get_running_loop().time()
+    if delay > 0:
+        await asyncio.sleep(delay)
 
 
 async def app(scope: Any, receive: Any, send: Any) -> None:

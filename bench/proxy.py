@@ -17,9 +17,10 @@ the uvicorn settings ``serve`` uses, with its own key store (the ``echo`` upstre
 huge budgets works on both, and each side still authenticates, validates, counts and rate-limits every request; the
 model server takes the same key as its bearer token). ``wrk`` drives both sides with the same request, alternating
 rounds so drift hits both equally. Every answer is checked once first, and a non-2xx answer during a round fails the
-run. ``echo``: added latency from ``wrk -c1 --latency`` rounds (one request at a time), throughput from ``wrk
--c16`` rounds. ``model``: both from ``wrk -c16 --latency`` rounds (at one connection a round holds too few requests
-for a p99). Goal: under 1 ms added at p50, at least 0.7x the direct throughput.
+run. Added latency (p50, p99) comes from ``wrk -c1 --latency`` rounds (one request at a time) in both cases, and for
+``model`` also from the ``-c16`` rounds (the proxy serving 16 streams at once); throughput from ``wrk -c16`` rounds,
+during which the CPU time of the upstream, the proxy and wrk is read from /proc, per request. Goal: under 1 ms added
+at p50, at least 0.7x the direct throughput.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import asyncio
 import json
 import os
 import re
+import resource
 import shutil
 import statistics
 import subprocess
@@ -88,10 +90,22 @@ def check(url: str, key: str, model: str, stream: bool) -> str:
     return "".join(pieces)
 
 
+def cpu_seconds(pid: int) -> float:
+    """The CPU time a running process has used (user and system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def wrk_cpu_seconds() -> float:
+    """The CPU time used by the wrk runs so far (children waited for)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def wrk(
     url: str, key: str, model: str, stream: bool, seconds: int, connections: int, workdir: Path
 ) -> dict[str, float]:
-    """One wrk round: requests/second, and the p50/p99 latency in milliseconds."""
+    """One wrk round: requests/second, the p50/p99 latency in milliseconds, and the requests made."""
     script = workdir / f"proxy-{model}-{'stream' if stream else 'plain'}.lua"
     script.write_text(
         'wrk.method = "POST"\n'
@@ -115,12 +129,17 @@ def wrk(
             raise RuntimeError(out)
         found[name] = float(match.group(1)) * _UNITS[match.group(2)]
     found["rps"] = float(rps.group(1))  # type: ignore[union-attr]
+    total = re.search(r"(\d+) requests in", out)
+    if total is None:
+        raise RuntimeError(out)
+    found["requests"] = float(total.group(1))
     return found
 
 
 def measure(
     direct: str,
     proxy: str,
+    pids: tuple[int, int],
     key: str,
     model: str,
     stream: bool,
@@ -128,36 +147,69 @@ def measure(
     args: argparse.Namespace,
     workdir: Path,
 ) -> dict[str, float]:
-    """Rounds at each (connections, take latency, take throughput) of ``plan``, alternating who goes first."""
+    """Rounds at each (connections, take latency, take throughput) of ``plan``, alternating who goes first: the p50
+    and p99 latency at that number of connections (``c1_added_p50_ms`` ...); in the throughput rounds, requests per
+    second and the CPU time the upstream, the proxy and wrk use per request (``pids``: upstream, proxy)."""
     assert check(direct, key, model, stream) == check(proxy, key, model, stream)  # the proxy answers as the upstream
-    runs: dict[str, dict[str, list[float]]] = {side: {"p50": [], "p99": [], "rps": []} for side in ("direct", "proxy")}
-    for connections, latency, throughput in plan:
+    found: dict[str, float] = {}
+    rps: dict[str, list[float]] = {"direct": [], "proxy": []}
+    cpu = {f"{who}_{side}": 0.0 for who in ("upstream", "proxy", "wrk") for side in ("direct", "proxy")}
+    requests = {"direct": 0.0, "proxy": 0.0}
+    for connections, take_latency, throughput in plan:
         for url in (direct, proxy):  # warm both: connections, caches, the upstream pool
             wrk(url, key, model, stream, 1, connections, workdir)
+        latency: dict[str, list[float]] = {f"{side}_{q}": [] for side in ("direct", "proxy") for q in ("p50", "p99")}
         for i in range(args.rounds):
             order = [("direct", direct), ("proxy", proxy)]
             for side, url in order if i % 2 == 0 else reversed(order):
+                before = (cpu_seconds(pids[0]), cpu_seconds(pids[1]), wrk_cpu_seconds())
                 result = wrk(url, key, model, stream, args.seconds, connections, workdir)
-                if latency:
-                    runs[side]["p50"].append(result["p50"])
-                    runs[side]["p99"].append(result["p99"])
+                after = (cpu_seconds(pids[0]), cpu_seconds(pids[1]), wrk_cpu_seconds())
+                latency[f"{side}_p50"].append(result["p50"])
+                latency[f"{side}_p99"].append(result["p99"])
                 if throughput:
-                    runs[side]["rps"].append(result["rps"])
-    d, p = runs["direct"], runs["proxy"]
-    return {
-        "direct_p50_ms": round(statistics.median(d["p50"]), 3),
-        "proxy_p50_ms": round(statistics.median(p["p50"]), 3),
-        "added_p50_ms": round(statistics.median(p["p50"]) - statistics.median(d["p50"]), 3),
-        "direct_p99_ms": round(statistics.median(d["p99"]), 3),
-        "proxy_p99_ms": round(statistics.median(p["p99"]), 3),
-        "added_p99_ms": round(statistics.median(p["p99"]) - statistics.median(d["p99"]), 3),
-        "direct_rps": round(sum(d["rps"]) / len(d["rps"]), 1),
-        "proxy_rps": round(sum(p["rps"]) / len(p["rps"]), 1),
-        "throughput_ratio": round(sum(p["rps"]) / sum(d["rps"]), 3),
-    }
+                    rps[side].append(result["rps"])
+                    requests[side] += result["requests"]
+                    for who, spent_after, spent_before in zip(("upstream", "proxy", "wrk"), after, before, strict=True):
+                        cpu[f"{who}_{side}"] += spent_after - spent_before
+        for q in ("p50", "p99") if take_latency else ():
+            d, p = statistics.median(latency[f"direct_{q}"]), statistics.median(latency[f"proxy_{q}"])
+            found[f"c{connections}_direct_{q}_ms"] = round(d, 3)
+            found[f"c{connections}_proxy_{q}_ms"] = round(p, 3)
+            found[f"c{connections}_added_{q}_ms"] = round(p - d, 3)
+    found["direct_rps"] = round(sum(rps["direct"]) / len(rps["direct"]), 1)
+    found["proxy_rps"] = round(sum(rps["proxy"]) / len(rps["proxy"]), 1)
+    found["throughput_ratio"] = round(sum(rps["proxy"]) / sum(rps["direct"]), 3)
+    for name, spent in cpu.items():
+        if name != "proxy_direct":  # the proxy idles while the upstream is called directly
+            found[f"cpu_ms_{name}"] = round(spent / requests[name.rpartition("_")[2]] * 1000, 3)
+    return found
+
+
+def report(case: str, name: str, r: dict[str, float]) -> str:
+    lines = [f"{case} {name}:"]
+    for connections in sorted({int(k[1:].partition("_")[0]) for k in r if k.startswith("c") and k[1].isdigit()}):
+        c = f"c{connections}_"
+        lines.append(
+            f"  {connections:>3} connection(s): added p50 {r[c + 'added_p50_ms']:.3f} ms (direct "
+            f"{r[c + 'direct_p50_ms']:.3f}), added p99 {r[c + 'added_p99_ms']:.3f} ms (direct "
+            f"{r[c + 'direct_p99_ms']:.3f})"
+        )
+    lines.append(
+        f"  throughput: proxy {r['proxy_rps']:.0f} req/s, direct {r['direct_rps']:.0f} req/s, ratio "
+        f"{r['throughput_ratio']:.3f}"
+    )
+    lines.append(
+        f"  CPU ms per request: upstream {r['cpu_ms_upstream_direct']:.3f} (direct) / "
+        f"{r['cpu_ms_upstream_proxy']:.3f} (proxied), proxy {r['cpu_ms_proxy_proxy']:.3f}, wrk "
+        f"{r['cpu_ms_wrk_direct']:.3f} / {r['cpu_ms_wrk_proxy']:.3f}"
+    )
+    return "\n".join(lines)
 
 
 def start_proxy(servers: Servers, upstream: str, key: str) -> str:
+    """The proxy in front of ``upstream``, under the uvicorn settings ``serve`` uses; its process is the last one of
+    ``servers.procs``."""
     port = free_port()
     env = {**servers.env, "BENCH_UPSTREAM": upstream, "BENCH_UPSTREAM_KEY": key, "BENCH_STORE": servers.store}
     # The uvicorn settings `ozwell-asgi serve` uses by default (ozwell_asgi/cli.py): log level info.
@@ -188,25 +240,22 @@ def run_wrk(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
             cases = []
             if "echo" in args.cases:
                 echo = f"http://127.0.0.1:{servers.serve()}/v1"
+                # Saturated at 16 connections: latency there is queueing, only the throughput is taken.
                 plan = [(1, True, False), (args.connections, False, True)]
-                cases.append(("echo", echo, "echo", plan))
+                cases.append(("echo", echo, servers.procs[-1].pid, "echo", plan))
             if "model" in args.cases:
                 model = start_model_server(servers, key, args.ttft_ms / 1000, args.tokens, args.interval_ms / 1000)
-                cases.append(("model", model, MODEL, [(args.connections, True, True)]))
-            for case, upstream, model_name, plan in cases:
+                plan = [(1, True, False), (args.connections, True, True)]
+                cases.append(("model", model, servers.procs[-1].pid, MODEL, plan))
+            for case, upstream, upstream_pid, model_name, plan in cases:
                 proxy = start_proxy(servers, upstream, key)
+                pids = (upstream_pid, servers.procs[-1].pid)
                 results[case] = {}
                 for stream in (False, True):
                     name = "stream" if stream else "non-stream"
                     direct = upstream + "/chat/completions"
-                    r = results[case][name] = measure(direct, proxy, key, model_name, stream, plan, args, workdir)
-                    print(
-                        f"{case:>5} {name:>10}: added p50 {r['added_p50_ms']:.3f} ms (direct "
-                        f"{r['direct_p50_ms']:.3f}), added p99 {r['added_p99_ms']:.3f} ms (direct "
-                        f"{r['direct_p99_ms']:.3f}); proxy {r['proxy_rps']:.0f} req/s, direct {r['direct_rps']:.0f} "
-                        f"req/s, ratio {r['throughput_ratio']:.3f}",
-                        flush=True,
-                    )
+                    r = results[case][name] = measure(direct, proxy, pids, key, model_name, stream, plan, args, workdir)
+                    print(report(case, name, r), flush=True)
         finally:
             servers.stop()
     return results
