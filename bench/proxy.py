@@ -18,7 +18,8 @@ huge budgets works on both, and each side still authenticates, validates, counts
 model server takes the same key as its bearer token). ``wrk`` drives both sides with the same request, alternating
 rounds so drift hits both equally. Every answer is checked once first, and a non-2xx answer during a round fails the
 run. Added latency (p50, p99) comes from ``wrk -c1 --latency`` rounds (one request at a time) in both cases, and for
-``model`` also from the ``-c16`` rounds (the proxy serving 16 streams at once); throughput from ``wrk -c16`` rounds,
+``model`` also from the ``-c16`` rounds (the proxy serving 16 requests at once; each connection pauses a random 0 to
+``--think-ms`` ms between requests, so that they do not stay in step); throughput from ``wrk -c16`` rounds,
 during which the CPU time of the upstream, the proxy and wrk is read from /proc, per request. Goal: under 1 ms added
 at p50, at least 0.7x the direct throughput.
 """
@@ -103,15 +104,17 @@ def wrk_cpu_seconds() -> float:
 
 
 def wrk(
-    url: str, key: str, model: str, stream: bool, seconds: int, connections: int, workdir: Path
+    url: str, key: str, model: str, stream: bool, seconds: int, connections: int, workdir: Path, think_ms: int = 0
 ) -> dict[str, float]:
-    """One wrk round: requests/second, the p50/p99 latency in milliseconds, and the requests made."""
-    script = workdir / f"proxy-{model}-{'stream' if stream else 'plain'}.lua"
+    """One wrk round: requests/second, the p50/p99 latency in milliseconds, and the requests made. ``think_ms``: each
+    connection waits a random 0 to ``think_ms`` ms before its next request (not counted in the latency)."""
+    script = workdir / f"proxy-{model}-{'stream' if stream else 'plain'}-{think_ms}.lua"
     script.write_text(
         'wrk.method = "POST"\n'
         f"wrk.body = {json.dumps(body(model, stream))}\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
         f'wrk.headers["Authorization"] = "Bearer {key}"\n'
+        + (f"function delay() return math.random(0, {think_ms}) end\n" if think_ms else "")
     )
     out = subprocess.run(
         ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
@@ -143,27 +146,28 @@ def measure(
     key: str,
     model: str,
     stream: bool,
-    plan: list[tuple[int, bool, bool]],
+    plan: list[tuple[int, bool, bool, int]],
     args: argparse.Namespace,
     workdir: Path,
 ) -> dict[str, float]:
-    """Rounds at each (connections, take latency, take throughput) of ``plan``, alternating who goes first: the p50
-    and p99 latency at that number of connections (``c1_added_p50_ms`` ...); in the throughput rounds, requests per
-    second and the CPU time the upstream, the proxy and wrk use per request (``pids``: upstream, proxy)."""
+    """Rounds at each (connections, take latency, take throughput, think ms) of ``plan``, alternating who goes
+    first: the p50 and p99 latency at that number of connections (``c1_added_p50_ms`` ...); in the throughput
+    rounds, requests per second and the CPU time the upstream, the proxy and wrk use per request (``pids``: upstream,
+    proxy)."""
     assert check(direct, key, model, stream) == check(proxy, key, model, stream)  # the proxy answers as the upstream
     found: dict[str, float] = {}
     rps: dict[str, list[float]] = {"direct": [], "proxy": []}
     cpu = {f"{who}_{side}": 0.0 for who in ("upstream", "proxy", "wrk") for side in ("direct", "proxy")}
     requests = {"direct": 0.0, "proxy": 0.0}
-    for connections, take_latency, throughput in plan:
+    for connections, take_latency, throughput, think_ms in plan:
         for url in (direct, proxy):  # warm both: connections, caches, the upstream pool
-            wrk(url, key, model, stream, 1, connections, workdir)
+            wrk(url, key, model, stream, 1, connections, workdir, think_ms)
         latency: dict[str, list[float]] = {f"{side}_{q}": [] for side in ("direct", "proxy") for q in ("p50", "p99")}
         for i in range(args.rounds):
             order = [("direct", direct), ("proxy", proxy)]
             for side, url in order if i % 2 == 0 else reversed(order):
                 before = (cpu_seconds(pids[0]), cpu_seconds(pids[1]), wrk_cpu_seconds())
-                result = wrk(url, key, model, stream, args.seconds, connections, workdir)
+                result = wrk(url, key, model, stream, args.seconds, connections, workdir, think_ms)
                 after = (cpu_seconds(pids[0]), cpu_seconds(pids[1]), wrk_cpu_seconds())
                 latency[f"{side}_p50"].append(result["p50"])
                 latency[f"{side}_p99"].append(result["p99"])
@@ -241,11 +245,13 @@ def run_wrk(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
             if "echo" in args.cases:
                 echo = f"http://127.0.0.1:{servers.serve()}/v1"
                 # Saturated at 16 connections: latency there is queueing, only the throughput is taken.
-                plan = [(1, True, False), (args.connections, False, True)]
+                plan = [(1, True, False, 0), (args.connections, False, True, 0)]
                 cases.append(("echo", echo, servers.procs[-1].pid, "echo", plan))
             if "model" in args.cases:
                 model = start_model_server(servers, key, args.ttft_ms / 1000, args.tokens, args.interval_ms / 1000)
-                plan = [(1, True, False), (args.connections, True, True)]
+                # Every answer takes the same time: without a random pause between a connection's requests, the 16
+                # would stay in step and reach the proxy in bursts of 16, which real clients do not.
+                plan = [(1, True, False, 0), (args.connections, True, True, args.think_ms)]
                 cases.append(("model", model, servers.procs[-1].pid, MODEL, plan))
             for case, upstream, upstream_pid, model_name, plan in cases:
                 proxy = start_proxy(servers, upstream, key)
@@ -326,6 +332,9 @@ def main() -> int:
     parser.add_argument("--ttft-ms", type=float, default=20.0, help="model server: time to the first token")
     parser.add_argument("--tokens", type=int, default=32, help="model server: tokens per answer")
     parser.add_argument("--interval-ms", type=float, default=5.0, help="model server: time between tokens")
+    parser.add_argument(
+        "--think-ms", type=int, default=20, help="model, many connections: most random pause between requests"
+    )
     parser.add_argument("--cpu", action="store_true", help="only the backend's CPU per call, in-process")
     parser.add_argument("--calls", type=int, default=400, help="--cpu: calls per run")
     args = parser.parse_args()
