@@ -11,6 +11,7 @@ that upstream directly, side by side in one run, in two cases:
     python bench/proxy.py                          # both cases, non-streaming and streaming chat
     python bench/proxy.py --rounds 5 --seconds 6
     python bench/proxy.py --cpu                    # the backend's CPU per call, in-process (no wrk)
+    python bench/proxy.py --cpu --against main     # ... and main's, runs alternating in one process
 
 The proxy is the app with the OpenAI-compatible backend pointed at the upstream (``bench.proxy:proxy_app``), under
 the uvicorn settings ``serve`` uses, with its own key store (the ``echo`` upstream shares it: one enterprise key with
@@ -28,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
+import io
 import json
 import os
 import re
@@ -36,6 +39,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 import time
 import urllib.request
@@ -270,55 +274,95 @@ def run_wrk(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
 # -- CPU per backend call, in-process ------------------------------------------------------------------------------
 
 
-async def _cpu(url: str, key: str, calls: int, reps: int) -> dict[str, float]:
-    """CPU milliseconds per backend call, at 1 and 16 calls at a time: the least of ``reps`` runs of ``calls`` (other
-    work on the machine only ever adds to it), and the median."""
-    from ozwell_asgi.backends.openai_compatible import OpenAICompatibleBackend
-    from ozwell_asgi.types import Call, Principal, Quota
-    from ozwell_asgi.wire.chat import ChatCompletionRequest, parse_chat_request
+_CPU_MODES = (
+    ("non-stream c1", False, 1, False),
+    ("non-stream c16", False, 16, False),
+    ("stream c1", True, 1, False),
+    ("stream c16", True, 16, False),
+    ("stream c16 paced", True, 16, True),
+)
 
-    principal = Principal(key_id="key_bench", owner="bench", plan="enterprise", quota=Quota(None, None))
-    backend = OpenAICompatibleBackend(url, key)
-    results: dict[str, float] = {}
+
+def _versions(revisions: list[str], tmp: Path) -> dict[str, tuple[Any, Any, Any]]:
+    """The working tree's package, and each revision's (from ``git archive``, imported under another name): the
+    backend, types and chat wire modules of each."""
+    names = ("backends.openai_compatible", "types", "wire.chat")
+    versions = {"working tree": tuple(importlib.import_module(f"ozwell_asgi.{m}") for m in names)}
+    for i, revision in enumerate(revisions):
+        archive = subprocess.run(
+            ["git", "-C", str(ROOT), "archive", "--format=tar", revision, "ozwell_asgi"],
+            capture_output=True,
+            check=True,
+        ).stdout
+        dest = tmp / f"revision{i}"
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(dest, filter="data")
+        (dest / "ozwell_asgi").rename(dest / f"ozwell_asgi_{i}")
+        sys.path.insert(0, str(dest))
+        versions[revision] = tuple(importlib.import_module(f"ozwell_asgi_{i}.{m}") for m in names)
+    return versions
+
+
+async def _cpu(
+    urls: tuple[str, str], versions: dict[str, tuple[Any, Any, Any]], calls: int, reps: int
+) -> dict[str, dict[str, dict[str, float]]]:
+    """CPU milliseconds per backend call of each version, runs alternating between versions: the least of ``reps``
+    runs of ``calls`` (other work on the machine only ever adds to it), and the median. ``urls``: the model server
+    answering at once, and the one pacing its tokens."""
+    results: dict[str, dict[str, dict[str, float]]] = {name: {} for name in versions}
+    backends = {name: oc.OpenAICompatibleBackend(urls[0], "bench") for name, (oc, _, _) in versions.items()}
+    paced = {name: oc.OpenAICompatibleBackend(urls[1], "bench") for name, (oc, _, _) in versions.items()}
     try:
-        for stream in (False, True):
-            request = parse_chat_request(body(MODEL, stream))
+        for mode, stream, concurrency, is_paced in _CPU_MODES:
+            samples: dict[str, list[float]] = {name: [] for name in versions}
+            for rep in range(reps + 1):  # the first round warms: connections, caches
+                for name, (_, types, chat) in versions.items():
+                    backend = (paced if is_paced else backends)[name]
+                    request = chat.parse_chat_request(body(MODEL, stream))
+                    principal = types.Principal(key_id="k", owner="o", plan="enterprise", quota=types.Quota(None, None))
 
-            async def worker(n: int, request: ChatCompletionRequest = request, stream: bool = stream) -> None:
-                for _ in range(n):
-                    call = Call(
-                        request_id="req_bench", principal=principal, endpoint="chat.completions", max_tokens=1024
-                    )
-                    if stream:
-                        async for _ in backend.stream_chat(request, call):
-                            pass
-                    else:
-                        await backend.complete_chat(request, call)
+                    async def worker(n: int, backend: Any = backend, request: Any = request, types: Any = types,
+                                     principal: Any = principal, stream: bool = stream) -> None:  # fmt: skip
+                        for _ in range(n):
+                            call = types.Call(
+                                request_id="req_bench",
+                                principal=principal,
+                                endpoint="chat.completions",
+                                max_tokens=1024,
+                            )
+                            if stream:
+                                async for _ in backend.stream_chat(request, call):
+                                    pass
+                            else:
+                                await backend.complete_chat(request, call)
 
-            for concurrency in (1, 16):
-                await asyncio.gather(*(worker(20) for _ in range(concurrency)))  # warm: connections, caches
-                samples = []
-                for _ in range(reps):
+                    count = calls // concurrency
                     start = time.process_time()
-                    await asyncio.gather(*(worker(calls // concurrency) for _ in range(concurrency)))
-                    samples.append((time.process_time() - start) / (calls // concurrency * concurrency))
-                name = f"{'stream' if stream else 'non-stream'} c{concurrency}"
-                results[name] = round(min(samples) * 1000, 3)
-                results[name + " median"] = round(statistics.median(samples) * 1000, 3)
-                print(f"{name:>14}: {results[name]:.3f} ms CPU per call (min of {reps} runs of {calls}; median "
-                      f"{results[name + ' median']:.3f})", flush=True)  # fmt: skip
+                    await asyncio.gather(*(worker(count) for _ in range(concurrency)))
+                    if rep:
+                        samples[name].append((time.process_time() - start) / (count * concurrency) * 1000)
+            for name, values in samples.items():
+                results[name][mode] = {"min": round(min(values), 3), "median": round(statistics.median(values), 3)}
+                print(f"{mode:>16}  {name:>14}: {min(values):.3f} ms CPU per call (min of {reps} runs of {calls}; "
+                      f"median {statistics.median(values):.3f})", flush=True)  # fmt: skip
     finally:
-        await backend.aclose()
+        for backend in (*backends.values(), *paced.values()):
+            await backend.aclose()
     return results
 
 
-def run_cpu(args: argparse.Namespace) -> dict[str, float]:
-    """The backend's CPU per call against bench/model_server.py (no delays, 8 tokens) in another process."""
+def run_cpu(args: argparse.Namespace) -> dict[str, dict[str, dict[str, float]]]:
+    """The backend's CPU per call against bench/model_server.py in another process: answering at once (8 tokens),
+    and pacing 32 tokens 2 ms apart (each chunk then arrives on its own: the cost per chunk)."""
     with tempfile.TemporaryDirectory() as tmp:
         servers = Servers(Path(tmp))
         try:
-            url = start_model_server(servers, "bench", 0.0, 8, 0.0)
-            return asyncio.run(_cpu(url, "bench", args.calls, args.rounds))
+            versions = _versions(args.against, Path(tmp))
+            urls = (
+                start_model_server(servers, "bench", 0.0, 8, 0.0),
+                start_model_server(servers, "bench", 0.0, 32, 0.002),
+            )
+            return asyncio.run(_cpu(urls, versions, args.calls, args.rounds))
         finally:
             servers.stop()
 
@@ -337,6 +381,9 @@ def main() -> int:
     )
     parser.add_argument("--cpu", action="store_true", help="only the backend's CPU per call, in-process")
     parser.add_argument("--calls", type=int, default=400, help="--cpu: calls per run")
+    parser.add_argument(
+        "--against", action="append", default=[], metavar="REV", help="--cpu: also measure this git revision"
+    )
     args = parser.parse_args()
     if args.cpu:
         print(json.dumps(run_cpu(args)))
