@@ -3,11 +3,13 @@ and another ozwell-asgi, both under uvicorn. The backend's methods are called di
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import re
 import subprocess
 import sys
+import zlib
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -123,6 +125,16 @@ async def test_stream_yields_each_chunk_with_what_the_upstream_sent(
     assert sent.headers["authorization"] == f"Bearer {KEY}"
     assert sent.headers["x-request-id"] == "req_test_1"
     assert sent.headers["accept"] == "text/event-stream"
+
+
+@pytest.mark.parametrize("size", [10, 70_000, 1_000_000])
+async def test_a_request_body_of_any_size_goes_upstream_whole(
+    backend: OpenAICompatibleBackend, fault: FaultUpstream, size: int
+) -> None:
+    # The head waits for the body to leave in one send when both are small; a large body goes on its own.
+    content = "x" * size
+    await collect(backend, chat("ok", messages=[{"role": "user", "content": content}]))
+    assert fault.last().body["messages"][0]["content"] == content
 
 
 async def test_the_bound_goes_upstream_under_one_name(backend: OpenAICompatibleBackend, fault: FaultUpstream) -> None:
@@ -532,16 +544,57 @@ async def test_embeddings_failures(backend: OpenAICompatibleBackend) -> None:
 async def test_one_pooled_client_closed_by_aclose(backend: OpenAICompatibleBackend, fault: FaultUpstream) -> None:
     await backend.list_models()  # its answer sets a cookie, which no later request may carry
     await collect(backend, chat("ok"))
-    client = backend._client
+    sender = backend._sender
     await collect(backend, chat("ok"))
     await backend.complete_chat(chat("ok", stream=False), call())
-    assert backend._client is client is not None
+    assert backend._sender is sender is not None
     ports = {r.client_port for r in fault.received}
     assert len(ports) == 1, "a finished stream must leave its connection to the next request"
     assert not any("cookie" in r.headers for r in fault.received)
     await backend.aclose()
-    assert client.is_closed and backend._client is None
-    assert text(await collect(backend, chat("ok"))) == "".join(ANSWER)  # usable again
+    assert backend._sender is None
+    assert text(await collect(backend, chat("ok"))) == "".join(ANSWER)  # usable again, on a new connection
+    assert len({r.client_port for r in fault.received}) == 2
+
+
+async def test_the_pool_bounds_connections_and_waits_for_a_free_one(
+    fault_server: tuple[FaultUpstream, str], fault: FaultUpstream
+) -> None:
+    limits = httpx.Limits(max_connections=2, max_keepalive_connections=2, keepalive_expiry=60)
+    upstream = OpenAICompatibleBackend(
+        fault_server[1] + "/v1", timeout=httpx.Timeout(5.0, connect=2.0, pool=0.3), limits=limits
+    )
+    try:
+        answers: list[str] = []
+
+        async def ask_one() -> None:
+            answers.append(text(await collect(upstream, chat("ok"))))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(8):
+                tg.start_soon(ask_one)
+        assert answers == ["".join(ANSWER)] * 8
+        assert len({r.client_port for r in fault.received}) <= 2  # 8 requests, 2 connections
+        first, second = upstream.stream_chat(chat("hang"), call()), upstream.stream_chat(chat("hang"), call())
+        await anext(first)
+        await anext(second)
+        with pytest.raises(GatewayTimeoutError):  # both connections busy: no free one within the pool timeout
+            await collect(upstream, chat("ok"))
+        await first.aclose()  # type: ignore[attr-defined]
+        assert text(await collect(upstream, chat("ok"))) == "".join(ANSWER)
+        await second.aclose()  # type: ignore[attr-defined]
+    finally:
+        await upstream.aclose()
+    fault.reset()
+    no_idle = OpenAICompatibleBackend(
+        fault_server[1] + "/v1", timeout=FAST, limits=httpx.Limits(max_keepalive_connections=0)
+    )
+    try:
+        for _ in range(3):
+            await collect(no_idle, chat("ok"))
+    finally:
+        await no_idle.aclose()
+    assert len({r.client_port for r in fault.received}) == 3  # none kept idle: a new connection each time
 
 
 async def test_a_client_passed_in_is_left_open(fault_server: tuple[FaultUpstream, str]) -> None:
@@ -552,12 +605,93 @@ async def test_a_client_passed_in_is_left_open(fault_server: tuple[FaultUpstream
         assert not client.is_closed
 
 
+async def test_a_proxy_named_by_the_environment_is_used(
+    fault_server: tuple[FaultUpstream, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")  # nothing listens there
+    upstream = OpenAICompatibleBackend(fault_server[1] + "/v1", KEY, backoff=0.0, timeout=FAST)
+    try:
+        with pytest.raises(BadGatewayError, match="Could not reach"):
+            await collect(upstream, chat("ok"))
+    finally:
+        await upstream.aclose()
+
+
+async def test_credentials_in_the_url_are_sent(fault_server: tuple[FaultUpstream, str], fault: FaultUpstream) -> None:
+    upstream = OpenAICompatibleBackend(fault_server[1].replace("http://", "http://user:pw@") + "/v1", timeout=FAST)
+    try:
+        await collect(upstream, chat("ok"))
+    finally:
+        await upstream.aclose()
+    assert fault.last().headers["authorization"] == "Basic dXNlcjpwdw=="
+
+
+class Compressing:
+    """An upstream that compresses its answers, as OpenAI does: model ``gzip``, ``deflate``, ``zeros`` (a megabyte
+    of zeros, gzipped to 1 KiB) or ``broken`` (a body that is not gzip). Keeps the last accept-encoding it got."""
+
+    accept: bytes | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        data = b""
+        while True:
+            message = await receive()
+            data += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        self.accept = dict(scope["headers"]).get(b"accept-encoding")
+        model = json.loads(data)["model"]
+        answer = json.dumps({
+            "id": "c", "object": "chat.completion", "created": 1, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "squeezed"}, "finish_reason": "stop"}],
+        }).encode()  # fmt: skip
+        encoded = {
+            "gzip": (b"gzip", gzip.compress(answer)),
+            "deflate": (b"deflate", zlib.compress(answer)),
+            "zeros": (b"gzip", gzip.compress(b"0" * 1024 * 1024)),
+            "broken": (b"gzip", b"\x1f\x8b not gzip at all"),
+        }
+        encoding, body = encoded[model]
+        headers = [(b"content-type", b"application/json"), (b"content-encoding", encoding)]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+async def test_compressed_answers_are_decompressed_within_the_cap() -> None:
+    app = Compressing()
+    with uvicorn_server(app, lifespan="off") as url:
+        upstream = OpenAICompatibleBackend(url + "/v1", timeout=FAST, max_response_size=64 * 1024)
+        try:
+            for model in ("gzip", "deflate"):
+                result = await upstream.complete_chat(chat(model, stream=False), call())
+                assert result.choices[0].message.content == "squeezed"
+            assert app.accept == b"gzip, deflate"
+            with pytest.raises(BadGatewayError, match="too large"):  # the cap counts what it decompresses to
+                await upstream.complete_chat(chat("zeros", stream=False), call())
+            with pytest.raises(BadGatewayError, match="malformed answer"):
+                await upstream.complete_chat(chat("broken", stream=False), call())
+        finally:
+            await upstream.aclose()
+
+
 def test_sse_decoder_byte_by_byte() -> None:
     stream = b": hi\r\nevent: x\r\ndata: a\r\ndata:b\r\n\r\nid: 1\rdata: c\r\rdata: d\n\ndata: tail"
     decoder = SSEDecoder()
     events = [e for i in range(len(stream)) for e in decoder.feed(stream[i : i + 1])]
     assert events == [(b"x", b"a\nb"), (b"", b"c"), (b"", b"d")]
     assert decoder.close() == [(b"", b"tail")]
+
+
+def test_sse_decoder_splits_anywhere() -> None:
+    stream = (
+        b"data: a\r\n\r\n: ping\rdata: b\rdata: c\r\revent: e\ndata:d\n\ndata: \xe2\x82\xac\r\n\r\ndata: [DONE]\n\n"
+    )
+    want = [(b"", b"a"), (b"", b"b\nc"), (b"e", b"d"), (b"", "\u20ac".encode()), (b"", b"[DONE]")]
+    for first in range(len(stream) + 1):
+        for second in range(first, len(stream) + 1):
+            decoder = SSEDecoder()
+            pieces = (stream[:first], stream[first:second], stream[second:])
+            assert [e for p in pieces if p for e in decoder.feed(p)] + decoder.close() == want, (first, second)
 
 
 def test_sse_decoder_caps() -> None:

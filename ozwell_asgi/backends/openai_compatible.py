@@ -5,7 +5,10 @@
 
 Guarantees:
 
-- One pooled ``httpx.AsyncClient`` per backend, made on first use and closed by :meth:`aclose`.
+- One connection pool per backend, made on first use and closed by :meth:`aclose`: httpcore's HTTP/1.1
+  connections (the transport under httpx), without httpx's per-request models; an ``httpx.AsyncClient`` instead when
+  the host passes one (``client=``), when the environment names a proxy (``HTTP_PROXY``, ``HTTPS_PROXY``,
+  ``ALL_PROXY``) or when ``base_url`` carries credentials. No cookies are kept.
 - A stream is parsed as its bytes arrive and each upstream chunk is yielded at once; nothing is re-buffered. No
   SSE line and no event may exceed ``max_event_size``; no whole (non-stream) answer may exceed
   ``max_response_size``; error bodies are read up to 64 KiB. Past a cap the call fails with a 502.
@@ -23,18 +26,25 @@ Guarantees:
 from __future__ import annotations
 
 import base64
+import collections
 import contextlib
 import fnmatch
 import logging
-import re
+import math
+import select
+import socket
+import ssl
 import struct
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+import urllib.request
+import zlib
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from http.cookiejar import DefaultCookiePolicy
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import anyio
+import httpcore
 import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 from pydantic_core import from_json, to_json
@@ -79,7 +89,6 @@ MODELS_DEADLINE = 30.0  # seconds a model list fetch may take (requests wait for
 
 _RETRY_STATUSES = frozenset({502, 503, 504})
 _FINISH = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
-_EOL = re.compile(rb"\r\n?|\n")
 _DONE = b"[DONE]"
 
 
@@ -128,6 +137,9 @@ class _MessageIn(BaseModel):
     tool_calls: list[_ToolCallIn] | None = None
 
 
+_NO_MESSAGE = _MessageIn()  # a choice with neither (read, never changed)
+
+
 class _ChoiceIn(_In):
     index: int = 0
     delta: _MessageIn | None = None
@@ -147,6 +159,9 @@ class _ChatIn(_In):
     usage: _UsageIn | None = None
     error: Any = None
     message: Any = None
+
+
+_validate_chat = _ChatIn.__pydantic_validator__.validate_json  # model_validate_json, one call less per chunk
 
 
 class _EmbeddingIn(_In):
@@ -183,48 +198,65 @@ class _ModelsIn(_In):
 class SSEDecoder:
     """Incremental server-sent events: :meth:`feed` bytes as they arrive, get the complete events' ``(event,
     data)`` back. Lines end with LF, CRLF or CR; comments, ``id`` and ``retry`` are skipped. Bounded: a line or an
-    event over ``max_size`` bytes raises :class:`BadGatewayError`."""
+    event over ``max_size`` bytes raises :class:`BadGatewayError`. Linear: the pieces of an unfinished line are
+    joined once, when it ends."""
 
-    __slots__ = ("_after_cr", "_buffer", "_data", "_event", "_size", "max_size")
+    __slots__ = ("_after_cr", "_data", "_event", "_partial", "_partial_size", "_size", "max_size")
 
     def __init__(self, max_size: int = MAX_EVENT_SIZE) -> None:
         self.max_size = max_size
-        self._buffer = bytearray()
+        self._partial: list[bytes] = []  # the pieces of a line not ended yet
+        self._partial_size = 0
         self._data: list[bytes] = []
         self._event = b""
         self._size = 0
         self._after_cr = False
 
     def feed(self, piece: bytes) -> list[tuple[bytes, bytes]]:
-        if self._after_cr:
+        if self._after_cr:  # the last piece ended with CR: an LF now is the same line end
             self._after_cr = False
             if piece[:1] == b"\n":
                 piece = piece[1:]
-        buffer = self._buffer
-        buffer += piece
+        if b"\r" in piece:
+            self._after_cr = piece[-1:] == b"\r"
+            piece = piece.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        partial = self._partial
+        if b"\n" not in piece:
+            partial.append(piece)
+            self._partial_size += len(piece)
+            if self._partial_size > self.max_size:
+                raise BadGatewayError("The upstream model server sent an over-long stream line.")
+            return []
+        if partial:
+            partial.append(piece)
+            piece = b"".join(partial)
+            partial.clear()
+        lines = piece.split(b"\n")
+        rest = lines.pop()
         events: list[tuple[bytes, bytes]] = []
-        pos = 0
-        end = len(buffer)
-        while pos < end:
-            match = _EOL.search(buffer, pos)
-            if match is None:
-                break
-            if match.end() == end and buffer[end - 1] == 0x0D:  # a CR last: its LF may be in the next piece
-                self._after_cr = True
-            self._line(bytes(buffer[pos : match.start()]), events)
-            pos = match.end()
-        if pos:
-            del buffer[:pos]
-        if len(buffer) > self.max_size:
-            raise BadGatewayError("The upstream model server sent an over-long stream line.")
+        for line in lines:
+            if line[:5] == b"data:":  # the usual line, taken here rather than in _line
+                value = line[6:] if line[5:6] == b" " else line[5:]
+                self._size += len(value) + 1
+                if self._size > self.max_size:
+                    raise BadGatewayError("The upstream model server sent an over-long stream event.")
+                self._data.append(value)
+            else:
+                self._line(line, events)
+        self._partial_size = len(rest)
+        if rest:
+            if len(rest) > self.max_size:
+                raise BadGatewayError("The upstream model server sent an over-long stream line.")
+            partial.append(rest)
         return events
 
     def close(self) -> list[tuple[bytes, bytes]]:
         """The events still pending at the end of the stream (a last line or event with no terminator)."""
         events: list[tuple[bytes, bytes]] = []
-        if self._buffer:
-            self._line(bytes(self._buffer), events)
-            self._buffer.clear()
+        if self._partial:
+            self._line(b"".join(self._partial), events)
+            self._partial.clear()
+            self._partial_size = 0
         self._line(b"", events)
         return events
 
@@ -307,12 +339,16 @@ def _reasoning_and_extra(message: _MessageIn) -> tuple[str | None, dict[str, Any
     return reasoning, extra
 
 
-def _chunks(chunk: _ChatIn) -> Iterable[ChatChunk]:
+def _chunks(chunk: _ChatIn) -> list[ChatChunk]:
     """One ChatChunk per choice of an upstream chunk (its usage is taken apart by the caller)."""
+    chunks = []
     for choice in chunk.choices:
-        delta = choice.delta or choice.message or _MessageIn()
-        reasoning, extra = _reasoning_and_extra(delta)
-        calls = tuple(_tool_call_delta(i, c) for i, c in enumerate(delta.tool_calls or ()))
+        delta = choice.delta or choice.message or _NO_MESSAGE
+        if delta.model_extra or delta.reasoning_content is not None or delta.reasoning is not None:
+            reasoning, extra = _reasoning_and_extra(delta)
+        else:
+            reasoning = extra = None
+        calls = tuple(_tool_call_delta(i, c) for i, c in enumerate(delta.tool_calls)) if delta.tool_calls else ()
         if (
             delta.role is None
             and delta.content is None
@@ -324,19 +360,22 @@ def _chunks(chunk: _ChatIn) -> Iterable[ChatChunk]:
             and choice.logprobs is None
         ):
             continue  # an empty delta: nothing to pass on
-        yield ChatChunk(
-            index=choice.index,
-            role="assistant" if delta.role == "assistant" else None,
-            content=delta.content,
-            tool_calls=calls,
-            refusal=delta.refusal,
-            finish_reason=choice.finish_reason,
-            logprobs=choice.logprobs,
-            reasoning_content=reasoning,
-            model=chunk.model,
-            system_fingerprint=chunk.system_fingerprint,
-            extra=extra,
+        chunks.append(
+            ChatChunk(
+                index=choice.index,
+                role="assistant" if delta.role == "assistant" else None,
+                content=delta.content,
+                tool_calls=calls,
+                refusal=delta.refusal,
+                finish_reason=choice.finish_reason,
+                logprobs=choice.logprobs,
+                reasoning_content=reasoning,
+                model=chunk.model,
+                system_fingerprint=chunk.system_fingerprint,
+                extra=extra,
+            )
         )
+    return chunks
 
 
 def _result(answer: _ChatIn) -> ChatResult:
@@ -406,7 +445,7 @@ async def _drain(pieces: AsyncIterator[bytes]) -> None:
     """Read what follows ``[DONE]`` (the end of the chunked body, usually at once) so the connection can be reused;
     more than ``MAX_ERROR_BODY`` bytes or a second's wait is left to the close."""
     size = 0
-    with anyio.move_on_after(1.0), contextlib.suppress(httpx.HTTPError):  # the answer is complete already
+    with anyio.move_on_after(1.0), contextlib.suppress(*_FAILURES):  # the answer is complete already
         async for piece in pieces:
             size += len(piece)
             if size > MAX_ERROR_BODY:
@@ -420,6 +459,357 @@ def _decode_vector(value: list[float] | str) -> list[float]:
     if len(raw) % 4:
         raise ValueError("not float32")
     return list(struct.unpack(f"<{len(raw) // 4}f", raw))
+
+
+# -- HTTP: requests on httpcore's connection pool, or through an httpx.AsyncClient ---------------------------------
+
+_CONNECT_TIMEOUTS = (httpx.ConnectTimeout, httpcore.ConnectTimeout)
+_TIMEOUTS = (httpx.TimeoutException, httpcore.TimeoutException)
+# Failures that leave the request unanswered: another attempt may succeed.
+_UNANSWERED = (
+    httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError,
+    httpcore.ConnectError, httpcore.RemoteProtocolError, httpcore.ReadError, httpcore.WriteError,
+)  # fmt: skip
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+_poll = getattr(select, "poll", None)  # select.select is limited to descriptors under 1024
+_HOLD = 64 * 1024  # a write up to this size waits for the next (a request's head for its body)
+_INFLATE_PIECE = 256 * 1024  # the most one piece of a compressed body may grow into before the caller's cap is checked
+
+
+class _BrokenBody(Exception):
+    """A compressed body that does not decompress."""
+
+
+_FAILURES = (
+    httpx.HTTPError, httpcore.NetworkError, httpcore.ProtocolError, httpcore.ProxyError, httpcore.UnsupportedProtocol,
+    _BrokenBody,
+)  # fmt: skip
+
+
+class _Answer(Protocol):
+    """An upstream response whose body is still unread."""
+
+    status: int
+
+    def header(self, name: str) -> str | None: ...
+
+    def body(self) -> AsyncIterator[bytes]:
+        """The body's pieces as they arrive, decompressed."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+class _Sender(Protocol):
+    async def send(self, path: str, body: bytes | None, request_id: str | None, sse: bool) -> _Answer:
+        """POST ``body`` (GET with none) to ``base_url + path``: the response once its headers arrived."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+async def _inflate(pieces: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """A gzip or zlib body, decompressed as it arrives, no piece over ``_INFLATE_PIECE`` bytes (a small compressed
+    piece may grow a thousandfold: the caller's cap is checked before more is made)."""
+    inflater = zlib.decompressobj(zlib.MAX_WBITS | 32)  # gzip or zlib, told by its header
+    try:
+        async for piece in pieces:
+            while piece:
+                out = inflater.decompress(piece, _INFLATE_PIECE)
+                piece = inflater.unconsumed_tail
+                if out:
+                    yield out
+        out = inflater.flush()
+        if out:
+            yield out
+    except zlib.error:
+        raise _BrokenBody from None
+
+
+class _Stream(httpcore.AsyncNetworkStream):
+    """A connection's byte stream that holds a small write back until the next write or read, so that a request's
+    head and body leave in one send (httpcore writes them apart: two system calls, two segments on the wire), and
+    that answers ``is_readable`` from the socket it keeps rather than through anyio's attribute table."""
+
+    __slots__ = ("_held", "_held_timeout", "_inner", "_socket")
+
+    def __init__(self, inner: httpcore.AsyncNetworkStream) -> None:
+        self._inner = inner
+        self._socket: socket.socket | None = inner.get_extra_info("socket")
+        self._held = b""
+        self._held_timeout: float | None = None
+
+    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109 (httpcore's)
+        if not buffer:
+            return
+        held = self._held
+        if held:
+            self._held = b""
+            if len(held) + len(buffer) <= _HOLD:
+                buffer = held + buffer
+            else:
+                await self._inner.write(held, self._held_timeout)
+        if len(buffer) <= _HOLD:
+            self._held, self._held_timeout = buffer, timeout
+        else:
+            await self._inner.write(buffer, timeout)
+
+    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109 (httpcore's)
+        if self._held:
+            held, self._held = self._held, b""
+            with contextlib.suppress(httpcore.WriteError):  # as httpcore does: the server may have answered early
+                await self._inner.write(held, self._held_timeout)
+        return await self._inner.read(max_bytes, timeout)
+
+    async def aclose(self) -> None:
+        self._held = b""
+        await self._inner.aclose()
+
+    async def start_tls(
+        self,
+        ssl_context: ssl.SSLContext,
+        server_hostname: str | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 (httpcore's)
+    ) -> httpcore.AsyncNetworkStream:
+        return _Stream(await self._inner.start_tls(ssl_context, server_hostname, timeout))
+
+    def get_extra_info(self, info: str) -> Any:
+        if info == "is_readable":  # asked of an idle connection: True when the server closed it
+            sock = self._socket
+            if sock is None or sock.fileno() < 0:
+                return True
+            if _poll is None:  # Windows
+                return bool(select.select([sock], [], [], 0)[0])
+            poller = _poll()
+            poller.register(sock, select.POLLIN)
+            return bool(poller.poll(0))
+        return self._inner.get_extra_info(info)
+
+
+class _Connections:
+    """HTTP/1.1 connections to one origin, each an ``httpcore.AsyncHTTP11Connection`` (h11 and its state machine),
+    the most recently used taken first. Only the connection taken is checked (expired, or closed by the server):
+    httpcore's own pool checks every connection on each request and on each response's close, which at 16
+    connections costs more than the request itself. At most ``max_connections`` are open (a request waits up to the
+    pool timeout for one); at most ``max_keepalive_connections`` stay idle, each for ``keepalive_expiry`` seconds."""
+
+    def __init__(self, base: httpx.URL, limits: httpx.Limits, timeout: httpx.Timeout) -> None:
+        self._origin = httpcore.Origin(base.raw_scheme, base.raw_host, base.port or _DEFAULT_PORTS[base.scheme])
+        self._host = base.raw_host.decode("ascii")
+        self._ssl_context: ssl.SSLContext | None = None
+        if base.scheme == "https":
+            self._ssl_context = httpx.create_ssl_context()
+            self._ssl_context.set_alpn_protocols(["http/1.1"])
+        self._network = httpcore.AnyIOBackend()
+        self._connect_timeout = timeout.connect
+        self._pool_timeout = timeout.pool
+        self._expiry = limits.keepalive_expiry
+        self._max_idle = limits.max_keepalive_connections
+        limit = limits.max_connections
+        self._slots = anyio.Semaphore(limit) if limit is not None else None
+        self._idle: collections.deque[tuple[float, httpcore.AsyncHTTP11Connection]] = collections.deque()
+        self._open: set[httpcore.AsyncHTTP11Connection] = set()
+
+    async def send(self, request: httpcore.Request) -> _CoreAnswer:
+        slots = self._slots
+        if slots is not None:
+            try:
+                slots.acquire_nowait()
+            except anyio.WouldBlock:
+                try:
+                    with anyio.fail_after(self._pool_timeout):
+                        await slots.acquire()
+                except TimeoutError:
+                    raise httpcore.PoolTimeout("No connection became free in time.") from None
+        try:
+            connection = await self._take()
+            try:
+                response = await connection.handle_async_request(request)
+            except BaseException:
+                self._open.discard(connection)  # closed by httpcore already
+                raise
+        except BaseException:
+            if slots is not None:
+                slots.release()
+            raise
+        return _CoreAnswer(response, self, connection)
+
+    async def _take(self) -> httpcore.AsyncHTTP11Connection:
+        idle = self._idle
+        if idle:
+            now = time.monotonic()
+            while idle and idle[0][0] <= now:  # the oldest first: their time is up
+                await self._close(idle.popleft()[1])
+            while idle:
+                connection = idle.pop()[1]
+                if not connection.has_expired():  # expired, or the server closed it (its socket reads EOF)
+                    return connection
+                await self._close(connection)
+        stream = await self._network.connect_tcp(self._host, self._origin.port, timeout=self._connect_timeout)
+        if self._ssl_context is not None:
+            try:
+                stream = await stream.start_tls(self._ssl_context, self._host, timeout=self._connect_timeout)
+            except BaseException:
+                with anyio.CancelScope(shield=True):
+                    await stream.aclose()
+                raise
+        connection = httpcore.AsyncHTTP11Connection(self._origin, _Stream(stream), keepalive_expiry=self._expiry)
+        self._open.add(connection)
+        return connection
+
+    async def give_back(self, connection: httpcore.AsyncHTTP11Connection) -> None:
+        """After its response was closed: kept for the next request, or closed."""
+        if self._slots is not None:
+            self._slots.release()
+        if (
+            connection.is_idle()
+            and connection in self._open
+            and (self._max_idle is None or len(self._idle) < self._max_idle)
+        ):
+            expiry = self._expiry
+            self._idle.append((math.inf if expiry is None else time.monotonic() + expiry, connection))
+        else:
+            await self._close(connection)
+
+    async def _close(self, connection: httpcore.AsyncHTTP11Connection) -> None:
+        self._open.discard(connection)
+        if not connection.is_closed():
+            await connection.aclose()
+
+    async def aclose(self) -> None:
+        """Close every connection, idle or answering (a response still being read then fails)."""
+        connections, self._open = self._open, set()
+        self._idle.clear()
+        for connection in connections:
+            await connection.aclose()
+
+
+class _CoreAnswer:
+    __slots__ = ("_connection", "_pool", "_response", "status")
+
+    def __init__(
+        self, response: httpcore.Response, pool: _Connections, connection: httpcore.AsyncHTTP11Connection
+    ) -> None:
+        self._response = response
+        self._pool: _Connections | None = pool
+        self._connection = connection
+        self.status = response.status
+
+    def header(self, name: str) -> str | None:
+        key = name.encode()
+        for field, value in self._response.headers:
+            if field.lower() == key:
+                return value.decode("latin-1")
+        return None
+
+    def body(self) -> AsyncIterator[bytes]:
+        pieces = self._response.aiter_stream()
+        encoding = self.header("content-encoding")
+        if encoding is not None and encoding.strip().lower() in ("gzip", "x-gzip", "deflate"):
+            return _inflate(pieces)
+        return pieces  # identity, or a coding we never ask for: left as it is (then it is malformed)
+
+    async def aclose(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            try:
+                await self._response.aclose()  # the connection is idle again if the answer was read to its end
+            finally:
+                await pool.give_back(self._connection)
+
+
+class _CoreSender:
+    """Requests on httpcore's HTTP/1.1 connections (:class:`_Connections`): no Request/Response models of httpx, no
+    URL merging, no cookies, no hooks; the URL and headers are built once. Sends ``accept-encoding: gzip, deflate``
+    (identity for event streams) and decompresses what comes back, as httpx would."""
+
+    def __init__(self, base: httpx.URL, timeout: httpx.Timeout, limits: httpx.Limits, headers: dict[str, str]) -> None:
+        self._pool = _Connections(base, limits, timeout)
+        self._base = base
+        self._extensions = {"timeout": timeout.as_dict()}
+        common = [(b"host", base.netloc), *((k.encode(), v.encode()) for k, v in headers.items())]
+        self._plain = [*common, (b"accept", b"application/json"), (b"accept-encoding", b"gzip, deflate")]
+        self._sse = [*common, (b"accept", b"text/event-stream"), (b"accept-encoding", b"identity")]
+        self._urls: dict[str, httpcore.URL] = {}
+
+    def _url(self, path: str) -> httpcore.URL:
+        url = self._urls.get(path)
+        if url is None:
+            base = self._base
+            url = self._urls[path] = httpcore.URL(
+                scheme=base.raw_scheme, host=base.raw_host, port=base.port, target=base.raw_path + path.encode()
+            )
+        return url
+
+    async def send(self, path: str, body: bytes | None, request_id: str | None, sse: bool) -> _Answer:
+        headers = [*(self._sse if sse else self._plain)]
+        if request_id is not None:
+            headers.append((b"x-request-id", request_id.encode()))
+        if body is not None:
+            headers.append((b"content-length", str(len(body)).encode()))
+        request = httpcore.Request(
+            b"GET" if body is None else b"POST",
+            self._url(path),
+            headers=headers,
+            content=body,
+            extensions=self._extensions,
+        )
+        return await self._pool.send(request)
+
+    async def aclose(self) -> None:
+        await self._pool.aclose()
+
+
+class _ClientAnswer:
+    __slots__ = ("_response", "status")
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self.status = response.status_code
+
+    def header(self, name: str) -> str | None:
+        value: str | None = self._response.headers.get(name)
+        return value
+
+    def body(self) -> AsyncIterator[bytes]:
+        return self._response.aiter_bytes()
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class _ClientSender:
+    """Requests through an ``httpx.AsyncClient``: the host's own (``client=``), or ours when the environment names a
+    proxy or the URL carries credentials (httpx honours both)."""
+
+    def __init__(self, client: httpx.AsyncClient, base: str, headers: dict[str, str], owned: bool) -> None:
+        self._client = client
+        self._base = base
+        self._plain = headers
+        self._sse = {**headers, "accept": "text/event-stream", "accept-encoding": "identity"}
+        self._urls: dict[str, httpx.URL] = {}
+        self.owned = owned
+
+    async def send(self, path: str, body: bytes | None, request_id: str | None, sse: bool) -> _Answer:
+        url = self._urls.get(path)
+        if url is None:
+            url = self._urls[path] = httpx.URL(self._base + path)
+        headers = self._sse if sse else self._plain
+        if request_id is not None:
+            headers = {**headers, "x-request-id": request_id}
+        client = self._client
+        request = client.build_request("GET" if body is None else "POST", url, content=body, headers=headers)
+        return _ClientAnswer(await client.send(request, stream=True))
+
+    async def aclose(self) -> None:
+        if self.owned:
+            await self._client.aclose()
+
+
+def _needs_httpx(url: httpx.URL) -> bool:
+    """Whether the environment names a proxy for ``url``'s scheme, or ``url`` carries credentials."""
+    proxies = urllib.request.getproxies()
+    return bool(url.userinfo) or url.scheme in proxies or "all" in proxies
 
 
 # -- the backend ------------------------------------------------------------------------------------------------
@@ -461,9 +851,7 @@ class OpenAICompatibleBackend:
         if api_key is not None and not (api_key.isascii() and api_key.isprintable()):
             raise ValueError("api_key must be printable ASCII (it is sent in a header)")
         self.base_url = base
-        self._chat_url = httpx.URL(base + "/chat/completions")  # parsed once, not per request
-        self._embeddings_url = httpx.URL(base + "/embeddings")
-        self._models_url = httpx.URL(base + "/models")
+        self._base = parsed
         self._timeout = timeout
         self._limits = limits
         self._connect_retries = connect_retries
@@ -474,13 +862,12 @@ class OpenAICompatibleBackend:
         self._max_event_size = max_event_size
         self._max_response_size = max_response_size
         self._client = client
-        self._owns_client = client is None
+        self._sender: _Sender | None = None
         self._clock = clock
         headers = {"content-type": "application/json", "user-agent": "ozwell-asgi"}
         if api_key:
             headers["authorization"] = f"Bearer {api_key}"
         self._headers = headers
-        self._stream_headers = {**headers, "accept": "text/event-stream", "accept-encoding": "identity"}
         # What a message passed on from the upstream must not contain.
         netloc = parsed.netloc.decode()
         key = api_key if api_key and len(api_key) >= 8 else None  # a dummy key ("ollama") is no secret
@@ -491,20 +878,25 @@ class OpenAICompatibleBackend:
 
     # -- lifecycle --------------------------------------------------------------------------------------------
 
-    def _http(self) -> httpx.AsyncClient:
-        client = self._client
-        if client is None:
-            client = self._client = httpx.AsyncClient(timeout=self._timeout, limits=self._limits)
-            client.cookies.jar.set_policy(DefaultCookiePolicy(allowed_domains=[]))  # callers share no cookies
-        return client
+    def _http(self) -> _Sender:
+        sender = self._sender
+        if sender is None:
+            if self._client is not None:
+                sender = _ClientSender(self._client, self.base_url, self._headers, owned=False)
+            elif _needs_httpx(self._base):
+                client = httpx.AsyncClient(timeout=self._timeout, limits=self._limits)
+                client.cookies.jar.set_policy(DefaultCookiePolicy(allowed_domains=[]))  # callers share no cookies
+                sender = _ClientSender(client, self.base_url, self._headers, owned=True)
+            else:
+                sender = _CoreSender(self._base, self._timeout, self._limits, self._headers)
+            self._sender = sender
+        return sender
 
     async def aclose(self) -> None:
         """Close the connection pool (a client passed in is left to its owner). The backend can be used again."""
-        client, self._client = self._client, None
-        if client is not None and self._owns_client:
-            await client.aclose()
-        elif not self._owns_client:
-            self._client = client
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            await sender.aclose()
 
     # -- models -----------------------------------------------------------------------------------------------
 
@@ -533,7 +925,7 @@ class OpenAICompatibleBackend:
 
     async def _fetch_models(self) -> tuple[ModelInfo, ...]:
         deadline = anyio.current_time() + MODELS_DEADLINE
-        async with self._exchange("GET", self._models_url, None, self._headers, deadline, whole=True) as response:
+        async with self._exchange("/models", None, None, deadline, whole=True) as response:
             body = await self._read(response)
         try:
             listing = _ModelsIn.model_validate_json(body)
@@ -570,9 +962,8 @@ class OpenAICompatibleBackend:
         """POST /chat/completions with ``stream: true``; a ChatChunk per choice of each upstream chunk, as it
         arrives, then the usage. An error frame from the upstream, a malformed or truncated stream: 502."""
         body = self._chat_body(request, call, stream=True)
-        headers = {**self._stream_headers, "x-request-id": call.request_id}
-        async with self._exchange("POST", self._chat_url, body, headers, call.deadline) as response:
-            content_type = response.headers.get("content-type", "")
+        async with self._exchange("/chat/completions", body, call.request_id, call.deadline, sse=True) as response:
+            content_type = response.header("content-type") or ""
             if not content_type.startswith("text/event-stream"):
                 answer = self._parse_chat(await self._read(response))
                 raise self._answer_error(answer) or BadGatewayError(
@@ -580,7 +971,7 @@ class OpenAICompatibleBackend:
                 )
             decoder = SSEDecoder(self._max_event_size)
             state = _StreamState()
-            pieces = response.aiter_bytes()
+            pieces = response.body()
             try:
                 async for piece in pieces:
                     for chunk in self._take(decoder.feed(piece), state):
@@ -591,9 +982,9 @@ class OpenAICompatibleBackend:
                 else:
                     for chunk in self._take(decoder.close(), state):
                         yield chunk
-            except httpx.TimeoutException:
+            except _TIMEOUTS:
                 raise GatewayTimeoutError("The upstream model server stopped sending its answer.") from None
-            except httpx.HTTPError:
+            except _FAILURES:
                 raise BadGatewayError("The upstream model server's answer broke off.") from None
             # Ended without [DONE]: complete only if every choice finished.
             if not state.done and (not state.seen or state.open):
@@ -628,12 +1019,11 @@ class OpenAICompatibleBackend:
                 fields = None
             raise BadGatewayError(self._clean(fields[0]) if fields else "The upstream model server failed.")
         try:
-            chunk = _ChatIn.model_validate_json(data)
+            chunk: _ChatIn = _validate_chat(data)
         except ValidationError:
             raise BadGatewayError("The upstream model server sent a malformed stream.") from None
-        error = self._answer_error(chunk)
-        if error is not None:
-            raise error
+        if chunk.error is not None or chunk.object == "error":
+            raise self._answer_error(chunk) or BadGatewayError("The upstream model server failed.")
         return chunk
 
     def _answer_error(self, answer: _ChatIn | _EmbeddingsIn) -> OzwellError | None:
@@ -653,8 +1043,7 @@ class OpenAICompatibleBackend:
     async def complete_chat(self, request: ChatCompletionRequest, call: Call) -> ChatResult:
         """POST /chat/completions with ``stream: false``: the whole answer, read within ``max_response_size``."""
         body = self._chat_body(request, call, stream=False)
-        headers = {**self._headers, "x-request-id": call.request_id}
-        async with self._exchange("POST", self._chat_url, body, headers, call.deadline, whole=True) as response:
+        async with self._exchange("/chat/completions", body, call.request_id, call.deadline, whole=True) as response:
             answer = self._parse_chat(await self._read(response))
         error = self._answer_error(answer)
         if error is not None:
@@ -669,9 +1058,8 @@ class OpenAICompatibleBackend:
         """POST /embeddings asking for floats (the route encodes base64 itself); vectors in input order."""
         payload = request.model_dump(mode="json", exclude_none=True)
         payload["encoding_format"] = "float"
-        headers = {**self._headers, "x-request-id": call.request_id}
         async with self._exchange(
-            "POST", self._embeddings_url, to_json(payload), headers, call.deadline, whole=True
+            "/embeddings", to_json(payload), call.request_id, call.deadline, whole=True
         ) as response:
             body = await self._read(response)
         try:
@@ -710,21 +1098,21 @@ class OpenAICompatibleBackend:
     @asynccontextmanager
     async def _exchange(
         self,
-        method: str,
-        url: httpx.URL,
+        path: str,
         body: bytes | None,
-        headers: Mapping[str, str],
+        request_id: str | None,
         deadline: float | None,
         *,
+        sse: bool = False,
         whole: bool = False,
-    ) -> AsyncIterator[httpx.Response]:
+    ) -> AsyncIterator[_Answer]:
         """A 2xx response whose body is still unread, closed on exit. Failures before its first byte are retried;
         error statuses become our errors. ``deadline`` bounds getting the response (and, ``whole``, reading it)."""
         if deadline is None:
-            response = await self._send(method, url, body, headers, None)
+            response = await self._send(path, body, request_id, sse, None)
         else:
             with anyio.CancelScope(deadline=deadline) as scope:
-                response = await self._send(method, url, body, headers, deadline)
+                response = await self._send(path, body, request_id, sse, deadline)
             if scope.cancelled_caught:
                 raise GatewayTimeoutError("The upstream model server did not answer in time.")
         try:
@@ -740,26 +1128,25 @@ class OpenAICompatibleBackend:
                 await response.aclose()
 
     async def _send(
-        self, method: str, url: httpx.URL, body: bytes | None, headers: Mapping[str, str], deadline: float | None
-    ) -> httpx.Response:
+        self, path: str, body: bytes | None, request_id: str | None, sse: bool, deadline: float | None
+    ) -> _Answer:
         """The first 2xx response (body unread), retrying failures before its first byte; our error otherwise."""
-        client = self._http()
+        sender = self._http()
         attempt = 0
         while True:
             error: OzwellError
-            request = client.build_request(method, url, content=body, headers=headers)
             try:
-                response = await client.send(request, stream=True)
-            except httpx.ConnectTimeout:
+                response = await sender.send(path, body, request_id, sse)
+            except _CONNECT_TIMEOUTS:
                 error = GatewayTimeoutError("Connecting to the upstream model server timed out.")
-            except (httpx.ConnectError, httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+            except _UNANSWERED:
                 error = BadGatewayError("Could not reach the upstream model server.")
-            except httpx.TimeoutException:
+            except _TIMEOUTS:
                 raise GatewayTimeoutError("The upstream model server did not answer in time.") from None
-            except httpx.HTTPError:
+            except _FAILURES:
                 raise BadGatewayError("Could not reach the upstream model server.") from None
             else:
-                status = response.status_code
+                status = response.status
                 if 200 <= status < 300:
                     return response
                 try:
@@ -769,7 +1156,7 @@ class OpenAICompatibleBackend:
                 finally:
                     with anyio.CancelScope(shield=True):
                         await response.aclose()
-                error = self._status_error(status, data, response.headers)
+                error = self._status_error(status, data, response)
                 if status not in _RETRY_STATUSES:
                     raise error
             if not await self._wait_to_retry(attempt, deadline):
@@ -785,20 +1172,22 @@ class OpenAICompatibleBackend:
         await anyio.sleep(delay)
         return True
 
-    async def _read(self, response: httpx.Response, cap: int | None = None, *, truncate: bool = False) -> bytearray:
+    async def _read(self, response: _Answer, cap: int | None = None, *, truncate: bool = False) -> bytearray:
         """The body, up to ``cap`` bytes (``max_response_size`` by default): past it, cut (``truncate``) or 502."""
         limit = self._max_response_size if cap is None else cap
         data = bytearray()
         try:
-            async for piece in response.aiter_bytes():
+            async for piece in response.body():
                 data += piece
                 if len(data) > limit:
                     if truncate:
                         return data[:limit]
                     raise BadGatewayError("The upstream model server's answer is too large.")
-        except httpx.TimeoutException:
+        except _TIMEOUTS:
             raise GatewayTimeoutError("The upstream model server stopped sending its answer.") from None
-        except httpx.HTTPError:
+        except _BrokenBody:
+            raise BadGatewayError("The upstream model server sent a malformed answer.") from None
+        except _FAILURES:
             raise BadGatewayError("The upstream model server's answer broke off.") from None
         return data
 
@@ -809,7 +1198,7 @@ class OpenAICompatibleBackend:
             message = message.replace(secret, "[upstream]")
         return message
 
-    def _status_error(self, status: int, body: bytes | bytearray, headers: httpx.Headers) -> OzwellError:
+    def _status_error(self, status: int, body: bytes | bytearray, response: _Answer) -> OzwellError:
         """Our error for an upstream's non-2xx answer."""
         try:
             fields = _error_fields(from_json(body)) if body else None
@@ -826,7 +1215,7 @@ class OpenAICompatibleBackend:
             return BadGatewayError(f"The upstream model server failed (HTTP {status}).")
         if status == 429:
             # The message would describe this server's own account upstream: say less, keep the retry hints.
-            hints = [(k, v) for k in ("retry-after", "retry-after-ms") if (v := headers.get(k)) is not None]
+            hints = [(k, v) for k in ("retry-after", "retry-after-ms") if (v := response.header(k)) is not None]
             code = fields[3] if fields else None
             return OzwellError(
                 "The upstream model server is refusing requests for now (rate limit or quota). Please retry later.",
