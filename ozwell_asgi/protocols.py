@@ -8,7 +8,6 @@ Lifecycle is optional: if an adapter has ``async def aclose(self) -> None``, the
 Adapters that need setup (a pool, tables) do it lazily on first use, so they work when mounted inside a host
 that never runs a sub-application's lifespan.
 
-The file store, response store and the rest arrive with their issues, in the same shape.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ from .types import (
     Quota,
     Reservation,
     StoredFile,
+    StoredResponse,
 )
 
 if TYPE_CHECKING:
@@ -43,6 +43,7 @@ __all__ = [
     "KeyStore",
     "ModelCatalog",
     "RateLimiter",
+    "ResponseStore",
 ]
 
 
@@ -194,3 +195,25 @@ class ContentStore(Protocol):
     async def delete(self, key: str) -> None:
         """Remove what is under ``key``; nothing there is not an error."""
         ...
+
+
+@runtime_checkable
+class ResponseStore(Protocol):
+    """Owner-scoped stored responses of the Responses API (:class:`~ozwell_asgi.types.StoredResponse`).
+
+    Guarantees every adapter passes (:class:`ozwell_asgi.testing.contracts.ResponseStoreContract`): another owner's
+    id behaves exactly like an unknown one; ``put`` stores a record whole or not at all and replaces a record of the
+    same id and owner (a background run is put when queued and again as it ends); ``last_in_conversation`` is the
+    newest record (by ``created_at``, then ``id``) of that owner's conversation. Bounded adapters may forget records
+    (the memory store past its size cap, Redis past its TTL): a forgotten record is simply unknown.
+    """
+
+    async def put(self, record: StoredResponse) -> None: ...
+
+    async def get(self, owner: str, response_id: str) -> StoredResponse | None: ...
+
+    async def delete(self, owner: str, response_id: str) -> bool:
+        """Remove the record; ``False`` if there was no such record of ``owner``."""
+        ...
+
+    async def last_in_conversation(self, owner: str, conversation_id: str) -> StoredResponse | None: ...

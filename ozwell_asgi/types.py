@@ -18,7 +18,9 @@ __all__ = [
     "FilePurpose",
     "Page",
     "PageQuery",
+    "Source",
     "StoredFile",
+    "StoredResponse",
     "UsageEvent",
     "ASGIApp",
     "AssistantMessage",
@@ -323,3 +325,43 @@ class UsageEvent:
     completion_tokens: int
     charged: int
     latency_ms: float
+
+
+# --- responses (the Responses API) -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StoredResponse:
+    """One stored response of the Responses API, as :class:`~ozwell_asgi.protocols.ResponseStore` keeps it.
+
+    ``response`` is the rendered ``Response`` object as sent (JSON-ready: dicts, lists, strings, numbers, bools,
+    ``None``); ``input_items`` this turn's input items as ``GET /responses/{id}/input_items`` lists them (each with
+    its ``id``), oldest first; ``conversation`` the chat-form messages of the whole conversation through this turn,
+    the answer included and ``instructions`` excluded (they are not carried over, as at OpenAI), so chaining a new
+    turn never re-derives history. ``owner`` scopes it: another owner's id behaves exactly like an unknown one.
+    ``status`` mirrors ``response["status"]`` (``queued``, ``in_progress``, ``completed``, ``incomplete``,
+    ``failed``, ``cancelled``) so a store can answer it without parsing ``response``.
+    """
+
+    id: str
+    owner: str
+    created_at: int
+    status: str
+    response: Mapping[str, Any]
+    input_items: tuple[Mapping[str, Any], ...] = ()
+    conversation: tuple[Mapping[str, Any], ...] = ()
+    conversation_id: str | None = None
+    key_id: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """A passage of one of the caller's files that ``include_sources`` gave the model, as the Response lists it.
+    ``page`` is the 1-based page of a paged document (a PDF), ``None`` for unpaged text; ``score`` the cosine
+    similarity of the passage to the question, in [-1, 1]."""
+
+    file_id: str
+    filename: str
+    page: int | None
+    excerpt: str
+    score: float

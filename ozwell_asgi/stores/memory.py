@@ -7,6 +7,7 @@ writes, so each is atomic with respect to the other tasks of the event loop.
 from __future__ import annotations
 
 import dataclasses
+from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator
 
 import anyio
@@ -14,9 +15,9 @@ import anyio
 from ..errors import PayloadTooLargeError
 from ..pages import paginate
 from ..protocols import ContentStore
-from ..types import APIKey, Page, PageQuery, StoredFile
+from ..types import APIKey, Page, PageQuery, StoredFile, StoredResponse
 
-__all__ = ["MemoryContentStore", "MemoryFileStore", "MemoryKeyStore", "MemoryStorage"]
+__all__ = ["MemoryContentStore", "MemoryFileStore", "MemoryKeyStore", "MemoryResponseStore", "MemoryStorage"]
 
 
 class MemoryKeyStore:
@@ -216,6 +217,71 @@ class MemoryContentStore:
             self._total -= sum(len(c) for c in chunks)
 
 
+class MemoryResponseStore:
+    """A :class:`~ozwell_asgi.protocols.ResponseStore` in this process's memory, bounded: past ``max_records``
+    records the least recently used one is forgotten (``put`` and ``get`` count as use), so a long-running process
+    cannot grow without limit. Every method is atomic (no suspension point inside)."""
+
+    def __init__(self, *, max_records: int = 10_000) -> None:
+        if max_records < 1:
+            raise ValueError("max_records must be >= 1")
+        self.max_records = max_records
+        self._records: OrderedDict[tuple[str, str], StoredResponse] = OrderedDict()
+        self._latest: dict[tuple[str, str], StoredResponse] = {}  # (owner, conversation_id) -> newest record
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    async def put(self, record: StoredResponse) -> None:
+        key = (record.owner, record.id)
+        self._records[key] = record
+        self._records.move_to_end(key)
+        if record.conversation_id is not None:
+            ckey = (record.owner, record.conversation_id)
+            latest = self._latest.get(ckey)
+            if latest is None or (latest.created_at, latest.id) <= (record.created_at, record.id):
+                self._latest[ckey] = record
+        while len(self._records) > self.max_records:
+            _, evicted = self._records.popitem(last=False)
+            self._forget_latest(evicted)
+
+    async def get(self, owner: str, response_id: str) -> StoredResponse | None:
+        key = (owner, response_id)
+        record = self._records.get(key)
+        if record is not None:
+            self._records.move_to_end(key)
+        return record
+
+    async def delete(self, owner: str, response_id: str) -> bool:
+        record = self._records.pop((owner, response_id), None)
+        if record is None:
+            return False
+        self._forget_latest(record)
+        return True
+
+    async def last_in_conversation(self, owner: str, conversation_id: str) -> StoredResponse | None:
+        return self._latest.get((owner, conversation_id))
+
+    def _forget_latest(self, record: StoredResponse) -> None:
+        if record.conversation_id is None:
+            return
+        ckey = (record.owner, record.conversation_id)
+        latest = self._latest.get(ckey)
+        if latest is None or latest.id != record.id:
+            return
+        # The newest remaining record of the conversation takes its place (a scan, only when the newest goes).
+        newest: StoredResponse | None = None
+        for other in self._records.values():
+            if (other.owner, other.conversation_id) != ckey:
+                continue
+            if newest is None or (newest.created_at, newest.id) < (other.created_at, other.id):
+                newest = other
+        if newest is None:
+            del self._latest[ckey]
+        else:
+            self._latest[ckey] = newest
+
+
 class MemoryStorage:
     """The ``memory://`` storage: one :class:`MemoryKeyStore` and one :class:`MemoryFileStore` per instance, gone
     when the process exits. ``file_store(content)`` gives one store per content store."""
@@ -223,9 +289,13 @@ class MemoryStorage:
     def __init__(self) -> None:
         self._keys = MemoryKeyStore()
         self._files: dict[int, MemoryFileStore] = {}
+        self._responses = MemoryResponseStore()
 
     def key_store(self) -> MemoryKeyStore:
         return self._keys
+
+    def response_store(self) -> MemoryResponseStore:
+        return self._responses
 
     def file_store(self, content: ContentStore | None = None) -> MemoryFileStore:
         found = self._files.get(id(content))
