@@ -13,7 +13,16 @@ from .auth import Authenticator, KeyManager, model_allowed, require_scope
 from .bodies import header, read_json_body
 from .errors import NotFoundError, PermissionDeniedError
 from .meter import Meter, UsageSink
-from .protocols import ChatBackend, CompletesChat, EmbeddingBackend, FileStore, ModelCatalog, RateLimiter
+from .protocols import (
+    ChatBackend,
+    CompletesChat,
+    EmbeddingBackend,
+    FileStore,
+    ModelCatalog,
+    RateLimiter,
+    ResponseStore,
+    SourceFinder,
+)
 from .ratelimit import Plan, rate_limit_header_bytes
 from .tokens import Tokenizer
 from .types import Call, ModelInfo, Principal
@@ -96,6 +105,8 @@ class Services:
     plans: Mapping[str, Plan]
     files: FileStore | None = None  # the owner-scoped file store; None: the app serves no /files routes
     on_usage: UsageSink | None = None  # called with each billable call's UsageEvent when its meter settles
+    responses: ResponseStore | None = None  # stored responses of /responses; None: the app serves no /responses
+    sources: SourceFinder | None = None  # include_sources on /responses; None: a 400 that says why
 
     async def authenticate(self, request: Request, scope: str, *alternatives: str) -> Principal:
         """The caller, who must hold ``scope`` (or one of ``alternatives``); raises 401/403 in the envelope."""

@@ -24,8 +24,10 @@ from .types import (
     ModelInfo,
     Page,
     PageQuery,
+    Principal,
     Quota,
     Reservation,
+    Source,
     StoredFile,
     StoredResponse,
 )
@@ -44,6 +46,7 @@ __all__ = [
     "ModelCatalog",
     "RateLimiter",
     "ResponseStore",
+    "SourceFinder",
 ]
 
 
@@ -217,3 +220,12 @@ class ResponseStore(Protocol):
         ...
 
     async def last_in_conversation(self, owner: str, conversation_id: str) -> StoredResponse | None: ...
+
+
+@runtime_checkable
+class SourceFinder(Protocol):
+    """What ``include_sources`` asks (Ozwell's extension to /responses): passages of the caller's owner's files
+    that answer ``query``, best first, at most ``limit`` of them. The bundled one (:mod:`ozwell_asgi.sources`)
+    embeds the owner's text files when first needed and searches them by cosine similarity."""
+
+    async def find(self, principal: Principal, query: str, call: Call, limit: int) -> Sequence[Source]: ...

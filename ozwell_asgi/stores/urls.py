@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from ..protocols import ContentStore, FileStore, KeyStore
+from ..protocols import ContentStore, FileStore, KeyStore, ResponseStore
 
 __all__ = [
     "KEY_STORE_URL_FORMS",
@@ -191,6 +191,15 @@ class Storages:
     def file_store(self, url: str, content: ContentStore | None = None) -> FileStore:
         """The file store on ``url``, its content there too or in ``content``."""
         return self.open(url).file_store(content)
+
+    def response_store(self, url: str) -> ResponseStore:
+        """The response store on ``url`` (``ValueError`` if that storage keeps no responses)."""
+        storage = self.open(url)
+        make = getattr(storage, "response_store", None)
+        if make is None:
+            raise ValueError(f"the {_scheme_of(url.strip()) or 'given'} storage keeps no responses")
+        store: ResponseStore = make()
+        return store
 
     def __len__(self) -> int:
         return len(self._open)
