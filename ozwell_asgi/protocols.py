@@ -208,10 +208,16 @@ class ResponseStore(Protocol):
     id behaves exactly like an unknown one; ``put`` stores a record whole or not at all and replaces a record of the
     same id and owner (a background run is put when queued and again as it ends); ``last_in_conversation`` is the
     newest record (by ``created_at``, then ``id``) of that owner's conversation. Bounded adapters may forget records
-    (the memory store past its size cap, Redis past its TTL): a forgotten record is simply unknown.
+    (the memory store past its size caps, Redis past its TTL): a forgotten record is simply unknown. SQL keeps
+    every record until it is deleted.
     """
 
-    async def put(self, record: StoredResponse) -> None: ...
+    async def put(self, record: StoredResponse) -> None:
+        """Store ``record`` whole, or replace the record of the same id and owner whole. Ids are unique across
+        owners: an id another owner holds is a ``ValueError`` ("... belongs to another owner") and changes
+        nothing. (The bundled stores keep the parts as JSON and refuse, with ``ValueError``, parts that are not
+        JSON-ready.)"""
+        ...
 
     async def get(self, owner: str, response_id: str) -> StoredResponse | None: ...
 

@@ -7,6 +7,8 @@ writes, so each is atomic with respect to the other tasks of the event loop.
 from __future__ import annotations
 
 import dataclasses
+import logging
+from bisect import bisect_left, insort
 from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator
 
@@ -16,8 +18,11 @@ from ..errors import PayloadTooLargeError
 from ..pages import paginate
 from ..protocols import ContentStore
 from ..types import APIKey, Page, PageQuery, StoredFile, StoredResponse
+from .response_codec import dump_parts, load_parts
 
 __all__ = ["MemoryContentStore", "MemoryFileStore", "MemoryKeyStore", "MemoryResponseStore", "MemoryStorage"]
+
+log = logging.getLogger("ozwell_asgi.stores.memory")
 
 
 class MemoryKeyStore:
@@ -217,74 +222,119 @@ class MemoryContentStore:
             self._total -= sum(len(c) for c in chunks)
 
 
-class MemoryResponseStore:
-    """A :class:`~ozwell_asgi.protocols.ResponseStore` in this process's memory, bounded: past ``max_records``
-    records the least recently used one is forgotten (``put`` and ``get`` count as use), so a long-running process
-    cannot grow without limit. Every method is atomic (no suspension point inside)."""
+@dataclasses.dataclass(slots=True)
+class _ResponseEntry:
+    head: StoredResponse  # the record's scalar fields (its parts left empty)
+    parts: bytes  # the JSON of its response, input items and conversation (response_codec), UTF-8
+    size: int  # what the entry counts towards max_bytes
 
-    def __init__(self, *, max_records: int = 10_000) -> None:
+
+_EMPTY: dict[str, object] = {}
+
+
+class MemoryResponseStore:
+    """A :class:`~ozwell_asgi.protocols.ResponseStore` in this process's memory, bounded by two caps so a
+    long-running process cannot grow without limit: ``max_records`` records (default 10,000) and ``max_bytes``
+    (default 256 MiB) in all, a record counting as the UTF-8 size of its JSON parts plus its ids. Past either cap
+    the least recently used records are forgotten (``put``, ``get`` and ``last_in_conversation`` count as use);
+    a single record larger than ``max_bytes`` is not kept at all (and an earlier version of it is forgotten), as
+    if evicted at once. A forgotten record is simply unknown.
+
+    Records are kept as their JSON text (:mod:`~ozwell_asgi.stores.response_codec`, as SQL and Redis keep them):
+    what ``get`` returns is a fresh copy that nothing else shares, and a record that is not JSON-ready is refused
+    with ``ValueError`` here as everywhere. Ids are unique across owners: a ``put`` of an id another owner holds
+    is a ``ValueError`` and changes nothing.
+
+    Every method is atomic (no suspension point inside) and costs a dict lookup, a binary search in its
+    conversation's records and the encoding of its own record: the newest record of each conversation is the last
+    of a list kept sorted by ``(created_at, id)``, so no method scans the store.
+    """
+
+    def __init__(self, *, max_records: int = 10_000, max_bytes: int = 256 * 1024 * 1024) -> None:
         if max_records < 1:
             raise ValueError("max_records must be >= 1")
+        if max_bytes < 1:
+            raise ValueError("max_bytes must be >= 1")
         self.max_records = max_records
-        self._records: OrderedDict[tuple[str, str], StoredResponse] = OrderedDict()
-        self._latest: dict[tuple[str, str], StoredResponse] = {}  # (owner, conversation_id) -> newest record
+        self.max_bytes = max_bytes
+        self._records: OrderedDict[str, _ResponseEntry] = OrderedDict()  # by id, least recently used first
+        self._conversations: dict[tuple[str, str], list[tuple[int, str]]] = {}  # sorted (created_at, id)
+        self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._records)
 
+    @property
+    def total_bytes(self) -> int:
+        """What the records held count towards ``max_bytes``."""
+        return self._bytes
+
     async def put(self, record: StoredResponse) -> None:
-        key = (record.owner, record.id)
-        self._records[key] = record
-        self._records.move_to_end(key)
+        """Store ``record``, replacing the record of the same id and owner; ``ValueError`` (nothing changed) if
+        another owner holds the id or the record is not JSON-ready. Then forget the least recently used records
+        while a cap is exceeded."""
+        current = self._records.get(record.id)
+        if current is not None and current.head.owner != record.owner:
+            raise ValueError(f"a response with id {record.id!r} belongs to another owner")
+        parts = dump_parts(record).encode()
+        head = dataclasses.replace(record, response=_EMPTY, input_items=(), conversation=())
+        size = len(parts) + sum(
+            len(text) for text in (record.id, record.owner, record.status, record.key_id, record.conversation_id or "")
+        )
+        if current is not None:
+            self._remove(current)
+        if size > self.max_bytes:
+            log.warning("a stored response of %d bytes exceeds the memory store's max_bytes; not kept", size)
+            return
+        self._records[record.id] = _ResponseEntry(head, parts, size)
+        self._bytes += size
         if record.conversation_id is not None:
-            ckey = (record.owner, record.conversation_id)
-            latest = self._latest.get(ckey)
-            if latest is None or (latest.created_at, latest.id) <= (record.created_at, record.id):
-                self._latest[ckey] = record
-        while len(self._records) > self.max_records:
-            _, evicted = self._records.popitem(last=False)
-            self._forget_latest(evicted)
+            insort(self._conversations.setdefault((record.owner, record.conversation_id), []), _position(head))
+        while len(self._records) > self.max_records or self._bytes > self.max_bytes:
+            self._remove(next(iter(self._records.values())))
 
     async def get(self, owner: str, response_id: str) -> StoredResponse | None:
-        key = (owner, response_id)
-        record = self._records.get(key)
-        if record is not None:
-            self._records.move_to_end(key)
-        return record
+        entry = self._records.get(response_id)
+        if entry is None or entry.head.owner != owner:
+            return None
+        self._records.move_to_end(response_id)
+        return load_parts(entry.head, entry.parts)
 
     async def delete(self, owner: str, response_id: str) -> bool:
-        record = self._records.pop((owner, response_id), None)
-        if record is None:
+        entry = self._records.get(response_id)
+        if entry is None or entry.head.owner != owner:
             return False
-        self._forget_latest(record)
+        self._remove(entry)
         return True
 
     async def last_in_conversation(self, owner: str, conversation_id: str) -> StoredResponse | None:
-        return self._latest.get((owner, conversation_id))
+        ordered = self._conversations.get((owner, conversation_id))
+        if not ordered:
+            return None
+        return await self.get(owner, ordered[-1][1])
 
-    def _forget_latest(self, record: StoredResponse) -> None:
-        if record.conversation_id is None:
+    def _remove(self, entry: _ResponseEntry) -> None:
+        head = entry.head
+        del self._records[head.id]
+        self._bytes -= entry.size
+        if head.conversation_id is None:
             return
-        ckey = (record.owner, record.conversation_id)
-        latest = self._latest.get(ckey)
-        if latest is None or latest.id != record.id:
-            return
-        # The newest remaining record of the conversation takes its place (a scan, only when the newest goes).
-        newest: StoredResponse | None = None
-        for other in self._records.values():
-            if (other.owner, other.conversation_id) != ckey:
-                continue
-            if newest is None or (newest.created_at, newest.id) < (other.created_at, other.id):
-                newest = other
-        if newest is None:
-            del self._latest[ckey]
-        else:
-            self._latest[ckey] = newest
+        ckey = (head.owner, head.conversation_id)
+        ordered = self._conversations[ckey]
+        position = _position(head)
+        del ordered[bisect_left(ordered, position)]
+        if not ordered:
+            del self._conversations[ckey]
+
+
+def _position(record: StoredResponse) -> tuple[int, str]:
+    return (record.created_at, record.id)
 
 
 class MemoryStorage:
-    """The ``memory://`` storage: one :class:`MemoryKeyStore` and one :class:`MemoryFileStore` per instance, gone
-    when the process exits. ``file_store(content)`` gives one store per content store."""
+    """The ``memory://`` storage: one :class:`MemoryKeyStore`, :class:`MemoryFileStore` and
+    :class:`MemoryResponseStore` (default caps) per instance, gone when the process exits. ``file_store(content)``
+    gives one store per content store."""
 
     def __init__(self) -> None:
         self._keys = MemoryKeyStore()

@@ -16,6 +16,12 @@ Layout of the file store, under the same prefix:
 - ``{prefix}filepending``: ids whose content is being written to (or removed from) a content store, scored by
   the time of their last progress.
 
+Layout of the response store (:class:`RedisResponseStore`), under the same prefix:
+
+- ``{prefix}response:{id}``: a hash of the record (its JSON parts in ``data``), expiring ``ttl`` after its last put;
+- ``{prefix}responseconv:{len(owner)}:{owner}:{conversation_id}``: a sorted set of the conversation's ids scored
+  by ``created_at``, expiring with the last of them.
+
 Every write is one Lua script, so it is atomic for every process sharing the server; a page is read by one
 script too (a rank and a range of a sorted set), so it is a consistent cut. One instance, not a cluster: scripts
 touch several keys.
@@ -45,10 +51,19 @@ except ImportError as exc:  # pragma: no cover - depends on the environment
 
 from ..errors import PayloadTooLargeError, ServiceUnavailableError
 from ..protocols import ContentStore
-from ..types import APIKey, Page, PageQuery, StoredFile
+from ..types import APIKey, Page, PageQuery, StoredFile, StoredResponse
 from .outage import unavailable_on
+from .response_codec import dump_parts, load_parts
 
-__all__ = ["DEFAULT_MAX_FILE_BYTES", "DEFAULT_PREFIX", "RedisFileStore", "RedisKeyStore", "RedisStorage"]
+__all__ = [
+    "DEFAULT_MAX_FILE_BYTES",
+    "DEFAULT_PREFIX",
+    "DEFAULT_RESPONSE_TTL",
+    "RedisFileStore",
+    "RedisKeyStore",
+    "RedisResponseStore",
+    "RedisStorage",
+]
 
 log = logging.getLogger("ozwell_asgi.stores.redis")
 
@@ -107,6 +122,7 @@ return redis.call('ZRANGE', KEYS[1], math.max(0, rank - limit - 1), rank - 1)
 
 _unavailable = partial(unavailable_on, RedisConnectionError, RedisTimeoutError, OSError)
 _file_unavailable = partial(unavailable_on, RedisConnectionError, RedisTimeoutError, OSError, what="file store")
+_response_unavailable = partial(unavailable_on, RedisConnectionError, RedisTimeoutError, OSError, what="response store")
 
 
 async def _page_ids(script: Any, index: str, query: PageQuery) -> tuple[list[str], bool] | None:
@@ -718,6 +734,211 @@ class RedisFileStore:
             await self.client.aclose()
 
 
+# --- responses ------------------------------------------------------------------------------------------------
+
+DEFAULT_RESPONSE_TTL = 30 * 24 * 3600.0  # seconds: OpenAI keeps a stored response 30 days
+_LAST_BATCH = 16  # index entries read per round by last_in_conversation
+_RETRIES = 10
+
+# KEYS: record hash, the sorted set of its new conversation ('' for none), the sorted set it is in now, as read
+# ('' for none). ARGV: id, owner, conversation id as read ('' for none), ttl in ms, score, field, value, ...
+# 0 stored, 1 another owner holds the id, 2 the record moved since it was read (read again).
+_PUT_RESPONSE = """
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if owner and owner ~= ARGV[2] then return 1 end
+if (redis.call('HGET', KEYS[1], 'conversation_id') or '') ~= ARGV[3] then return 2 end
+if KEYS[3] ~= '' and KEYS[3] ~= KEYS[2] then redis.call('ZREM', KEYS[3], ARGV[1]) end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+if KEYS[2] ~= '' then
+  redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
+  if redis.call('PTTL', KEYS[2]) < tonumber(ARGV[4]) then redis.call('PEXPIRE', KEYS[2], ARGV[4]) end
+end
+return 0
+"""
+
+# KEYS: record hash, the sorted set it is in, as read ('' for none). ARGV: id, owner, conversation id as read.
+# 1 deleted, 0 no such record of this owner, 2 the record moved since it was read (read again).
+_DELETE_RESPONSE = """
+if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[2] then return 0 end
+if (redis.call('HGET', KEYS[1], 'conversation_id') or '') ~= ARGV[3] then return 2 end
+redis.call('DEL', KEYS[1])
+if KEYS[2] ~= '' then redis.call('ZREM', KEYS[2], ARGV[1]) end
+return 1
+"""
+
+# KEYS: a conversation's sorted set, a record hash. ARGV: id, owner, conversation id. Removes the id from the set
+# unless the record is there and still belongs to that owner's conversation (it expired, or was replaced
+# elsewhere by another owner after expiring); 1 if removed.
+_PRUNE_RESPONSE = """
+local fields = redis.call('HMGET', KEYS[2], 'owner', 'conversation_id')
+if fields[1] == ARGV[2] and fields[2] == ARGV[3] then return 0 end
+return redis.call('ZREM', KEYS[1], ARGV[1])
+"""
+
+
+def _response_fields(record: StoredResponse) -> dict[str, str]:
+    fields = {
+        "id": record.id,
+        "owner": record.owner,
+        "created_at": str(record.created_at),
+        "status": record.status,
+        "key_id": record.key_id,
+        "data": dump_parts(record),
+    }
+    if record.conversation_id is not None:
+        fields["conversation_id"] = record.conversation_id
+    return fields
+
+
+def _response_from_fields(raw: Mapping[Any, Any]) -> StoredResponse:
+    f = {_text(k): v for k, v in raw.items()}
+    head = StoredResponse(
+        id=_text(f["id"]),
+        owner=_text(f["owner"]),
+        created_at=int(f["created_at"]),
+        status=_text(f["status"]),
+        response={},
+        conversation_id=None if f.get("conversation_id") is None else _text(f["conversation_id"]),
+        key_id=_text(f["key_id"]),
+    )
+    return load_parts(head, f["data"])
+
+
+class RedisResponseStore:
+    """A :class:`~ozwell_asgi.protocols.ResponseStore` in Redis, shared by every process using the same prefix.
+
+    Layout (under ``prefix``): ``response:{id}``, a hash of the record (its JSON parts in ``data``); and
+    ``responseconv:{len(owner)}:{owner}:{conversation_id}``, a sorted set of the conversation's ids scored by
+    ``created_at`` (Redis orders equal scores by id, bytewise: the order of ``(created_at, id)``).
+
+    Bounded by time: each record expires ``ttl`` seconds (default 30 days, as OpenAI keeps responses) after its
+    last ``put``; a conversation's set expires with the last of its records (each ``put`` extends it to at least
+    ``ttl``), and ``last_in_conversation`` removes the entries of records that expired before it, so it answers
+    the newest record still there. ``put`` and ``delete`` are Lua scripts, atomic for every process: a ``put``
+    replaces the record of the same id and owner whole (moving it between conversations if it changed) or, for
+    an id another owner holds, raises ``ValueError`` and changes nothing. Lost connections raise
+    ``ServiceUnavailableError`` (503). One server, not a cluster (a script touches several keys).
+    """
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        ttl: float = DEFAULT_RESPONSE_TTL,
+        owns_client: bool = False,
+    ) -> None:
+        if not 0.001 <= ttl <= 10 * 365 * 24 * 3600:
+            raise ValueError("ttl must be between 1 ms and 10 years (in seconds)")
+        self.client = client
+        self.prefix = prefix
+        self.ttl = ttl
+        self._owns_client = owns_client
+        self._put = client.register_script(_PUT_RESPONSE)
+        self._delete = client.register_script(_DELETE_RESPONSE)
+        self._prune = client.register_script(_PRUNE_RESPONSE)
+
+    @classmethod
+    def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX, **options: Any) -> RedisResponseStore:
+        """A store owning a new client for ``redis://host:port/db`` or ``rediss://...``; ``aclose`` closes it."""
+        return cls(_binary_client(url), prefix=prefix, owns_client=True, **options)
+
+    def _record(self, response_id: str) -> str:
+        return f"{self.prefix}response:{response_id}"
+
+    def _conversation(self, owner: str, conversation_id: str | None) -> str:
+        if conversation_id is None:
+            return ""
+        return f"{self.prefix}responseconv:{len(owner)}:{owner}:{conversation_id}"
+
+    async def _placed(self, response_id: str) -> tuple[str | None, str | None]:
+        """The owner and conversation id of the record ``response_id`` as stored now (``None`` for none)."""
+        owner, conversation_id = await self.client.hmget(self._record(response_id), ["owner", "conversation_id"])
+        return (
+            None if owner is None else _text(owner),
+            None if conversation_id is None else _text(conversation_id),
+        )
+
+    async def put(self, record: StoredResponse) -> None:
+        """Store ``record`` (its TTL starts again) or replace the record of the same id and owner, atomically;
+        ``ValueError`` (nothing written) if another owner holds the id or the parts are not JSON-ready."""
+        ttl_ms = max(1, round(self.ttl * 1000))
+        args: list[str | int | float] = [record.id, record.owner, "", ttl_ms, float(record.created_at)]
+        for name, value in _response_fields(record).items():
+            args += [name, value]
+        key, index = self._record(record.id), self._conversation(record.owner, record.conversation_id)
+        with _response_unavailable():
+            for _ in range(_RETRIES):
+                owner, conversation_id = await self._placed(record.id)
+                if owner is not None and owner != record.owner:
+                    break
+                args[2] = conversation_id or ""
+                current = self._conversation(record.owner, conversation_id)
+                result = int(await self._put(keys=[key, index, current], args=args))
+                if result == 0:
+                    return
+                if result == 1:
+                    break
+            else:
+                raise ServiceUnavailableError("The response is being written concurrently. Please retry.")
+        raise ValueError(f"a response with id {record.id!r} belongs to another owner")
+
+    async def get(self, owner: str, response_id: str) -> StoredResponse | None:
+        """``owner``'s record ``response_id``, or ``None`` (one HGETALL)."""
+        with _response_unavailable():
+            raw = await self.client.hgetall(self._record(response_id))
+        if not raw:
+            return None
+        record = _response_from_fields(raw)
+        return record if record.owner == owner else None
+
+    async def delete(self, owner: str, response_id: str) -> bool:
+        """Remove ``owner``'s record and its index entry, atomically; ``False`` if there was none."""
+        with _response_unavailable():
+            for _ in range(_RETRIES):
+                found, conversation_id = await self._placed(response_id)
+                if found != owner:
+                    return False
+                keys = [self._record(response_id), self._conversation(owner, conversation_id)]
+                result = int(await self._delete(keys=keys, args=[response_id, owner, conversation_id or ""]))
+                if result != 2:
+                    return result == 1
+        raise ServiceUnavailableError("The response is being written concurrently. Please retry.")
+
+    async def last_in_conversation(self, owner: str, conversation_id: str) -> StoredResponse | None:
+        """The newest record (by ``created_at``, then ``id``) of ``owner``'s conversation still stored, or ``None``.
+
+        Reads the conversation's set from the top, 16 entries a round; the entries of expired records it meets are
+        removed (each once), so a round costs more only when records expired since the last call."""
+        index = self._conversation(owner, conversation_id)
+        start = 0
+        with _response_unavailable():
+            while True:
+                ids = [_text(i) for i in await self.client.zrevrange(index, start, start + _LAST_BATCH - 1)]
+                if not ids:
+                    return None
+                async with self.client.pipeline(transaction=False) as pipe:
+                    for response_id in ids:
+                        pipe.hgetall(self._record(response_id))
+                    found = await pipe.execute()
+                pruned = 0
+                for response_id, raw in zip(ids, found, strict=True):
+                    if raw:
+                        record = _response_from_fields(raw)
+                        if record.owner == owner and record.conversation_id == conversation_id:
+                            return record
+                    keys = [index, self._record(response_id)]
+                    pruned += int(await self._prune(keys=keys, args=[response_id, owner, conversation_id]))
+                start += len(ids) - pruned
+
+    async def aclose(self) -> None:
+        """Close the client if this store created it (``from_url``); a client passed in is left open."""
+        if self._owns_client:
+            await self.client.aclose()
+
+
 def _binary_client(url: str, **client_kwargs: Any) -> aioredis.Redis:
     scheme, sep, _ = url.partition("://")
     scheme = scheme.lower() if sep else ""
@@ -728,15 +949,21 @@ def _binary_client(url: str, **client_kwargs: Any) -> aioredis.Redis:
 
 
 class RedisStorage:
-    """One Redis client for every store on one URL (``open_storage("redis://...")``): keys and files share its
-    connection pool under one ``prefix``; :meth:`aclose` closes it once."""
+    """One Redis client for every store on one URL (``open_storage("redis://...")``): keys, files and responses
+    share its connection pool under one ``prefix``; :meth:`aclose` closes it once."""
 
     def __init__(
-        self, client: aioredis.Redis, *, prefix: str = DEFAULT_PREFIX, max_file_bytes: int = DEFAULT_MAX_FILE_BYTES
+        self,
+        client: aioredis.Redis,
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+        response_ttl: float = DEFAULT_RESPONSE_TTL,
     ) -> None:
         self.client = client
         self.prefix = prefix
         self.max_file_bytes = max_file_bytes
+        self.response_ttl = response_ttl
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = DEFAULT_PREFIX, **options: Any) -> RedisStorage:
@@ -748,6 +975,12 @@ class RedisStorage:
     def file_store(self, content: ContentStore | None = None, **options: Any) -> RedisFileStore:
         options.setdefault("max_file_bytes", self.max_file_bytes)
         return RedisFileStore(self.client, prefix=self.prefix, content=content, **options)
+
+    def response_store(self, **options: Any) -> RedisResponseStore:
+        """A response store on this client; ``options`` are :class:`RedisResponseStore`'s (``ttl`` defaults to
+        the storage's ``response_ttl``)."""
+        options.setdefault("ttl", self.response_ttl)
+        return RedisResponseStore(self.client, prefix=self.prefix, **options)
 
     async def aclose(self) -> None:
         await self.client.aclose()

@@ -29,6 +29,8 @@ from typing import Any
 import anyio
 import sqlalchemy as sa
 from sqlalchemy import event
+from sqlalchemy.dialects import postgresql as pg_dialect
+from sqlalchemy.dialects import sqlite as sqlite_dialect
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError, ProgrammingError, StatementError
 from sqlalchemy.exc import TimeoutError as PoolTimeoutError
@@ -37,21 +39,25 @@ from sqlalchemy.pool import AsyncAdaptedQueuePool
 
 from ..errors import ServiceUnavailableError
 from ..protocols import ContentStore
-from ..types import APIKey, Page, PageQuery, StoredFile
+from ..types import APIKey, Page, PageQuery, StoredFile, StoredResponse
 from .outage import unavailable_on
+from .response_codec import dump_parts, load_parts
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
     "FileStoreStatementError",
     "KeyStoreStatementError",
+    "ResponseStoreStatementError",
     "SQLDatabase",
     "SQLFileStore",
     "SQLKeyStore",
+    "SQLResponseStore",
     "api_keys_table",
     "file_chunks_table",
     "files_table",
     "metadata",
     "normalize_sql_url",
+    "responses_table",
 ]
 
 log = logging.getLogger("ozwell_asgi.stores.sql")
@@ -98,6 +104,22 @@ files_table = sa.Table(
     sa.Index("ix_ozwell_files_owner_order", "owner", "created_at", "id"),
     sa.Index("ix_ozwell_files_owner_purpose_order", "owner", "purpose", "created_at", "id"),
     sa.Index("ix_ozwell_files_state", "state", "touched_at"),
+)
+
+#: Stored responses (:class:`SQLResponseStore`): the scalar fields as columns, the rendered response, input items
+#: and conversation as one JSON text (``response_codec``; PostgreSQL's ``text`` holds up to 1 GB, SQLite's up to its
+#: ``SQLITE_MAX_LENGTH``, 1 GB by default). The index serves ``last_in_conversation`` with one indexed row.
+responses_table = sa.Table(
+    "ozwell_responses",
+    metadata,
+    sa.Column("id", _ID, primary_key=True),
+    sa.Column("owner", sa.Text, nullable=False),
+    sa.Column("conversation_id", sa.Text, nullable=True),
+    sa.Column("created_at", sa.BigInteger, nullable=False),
+    sa.Column("status", sa.Text, nullable=False),
+    sa.Column("key_id", sa.Text, nullable=False),
+    sa.Column("data", sa.Text, nullable=False),
+    sa.Index("ix_ozwell_responses_conversation", "owner", "conversation_id", "created_at", "id"),
 )
 
 file_chunks_table = sa.Table(
@@ -175,6 +197,11 @@ class FileStoreStatementError(RuntimeError):
     """A statement of the SQL file store failed; the message names the database's error, never the parameters."""
 
 
+class ResponseStoreStatementError(RuntimeError):
+    """A statement of the SQL response store failed; the message names the database's error, never the
+    parameters."""
+
+
 @contextmanager
 def _statement_errors(what: str, store: str, error: type[RuntimeError]) -> Iterator[None]:
     """Outages (a lost connection, a locked database, an exhausted pool) become the 503 naming ``what``; any other
@@ -192,6 +219,7 @@ def _statement_errors(what: str, store: str, error: type[RuntimeError]) -> Itera
 
 _unavailable = functools.partial(_statement_errors, "API key store", "key store", KeyStoreStatementError)
 _file_errors = functools.partial(_statement_errors, "file store", "file store", FileStoreStatementError)
+_response_errors = functools.partial(_statement_errors, "response store", "response store", ResponseStoreStatementError)
 
 
 def _has_nul(*values: str | None) -> bool:
@@ -267,6 +295,10 @@ class SQLDatabase:
         """A file store on this database (sharing its pool), its content in chunk rows or in ``content``;
         ``options`` are :class:`SQLFileStore`'s."""
         return SQLFileStore(self, content=content, **options)
+
+    def response_store(self) -> SQLResponseStore:
+        """A response store on this database (sharing its pool; closing it leaves the database open)."""
+        return SQLResponseStore(self)
 
     async def aclose(self) -> None:
         """Dispose of the engine's pool if this instance created the engine; otherwise do nothing."""
@@ -908,6 +940,128 @@ class SQLFileStore:
                 with _file_errors():
                     await conn.execute(sa.delete(t).where(t.c.id == file_id, t.c.state == _DELETING))
         return True
+
+    async def aclose(self) -> None:
+        """Dispose of the engine if this store created it (``from_url``); a shared database is left open."""
+        if self._owns_db:
+            await self.db.aclose()
+
+
+# --- responses --------------------------------------------------------------------------------------------------
+
+
+def _response_head(row: Mapping[Any, Any]) -> StoredResponse:
+    return StoredResponse(
+        id=row["id"],
+        owner=row["owner"],
+        created_at=row["created_at"],
+        status=row["status"],
+        response={},
+        conversation_id=row["conversation_id"],
+        key_id=row["key_id"],
+    )
+
+
+def _response_from_row(row: Mapping[Any, Any]) -> StoredResponse:
+    return load_parts(_response_head(row), row["data"])
+
+
+class SQLResponseStore:
+    """A :class:`~ozwell_asgi.protocols.ResponseStore` in the table ``ozwell_responses``; every method is one
+    statement, hence atomic for every process sharing the database. Records never expire here: they stay until
+    deleted.
+
+    ``put`` is one upsert (``INSERT ... ON CONFLICT (id) DO UPDATE ... WHERE owner = excluded.owner``): it stores
+    a new record or replaces the record of the same id and owner whole; an id another owner holds is a
+    ``ValueError`` and changes nothing. ``last_in_conversation`` reads one row of the index on ``(owner,
+    conversation_id, created_at, id)``, ids compared byte by byte (PostgreSQL's "C" collation). Text a record's
+    ids, owner or status cannot hold in PostgreSQL (a NUL character) is refused by ``put`` with ``ValueError`` and
+    finds nothing in a lookup; inside the JSON parts it is escaped and kept. Outages are a 503 ("The response
+    store is unavailable"); no statement parameter reaches a message or a log.
+    """
+
+    def __init__(self, db: SQLDatabase | AsyncEngine, *, owns_db: bool = False) -> None:
+        self.db = db if isinstance(db, SQLDatabase) else SQLDatabase(db)
+        if self.db.engine.dialect.name not in ("postgresql", "sqlite"):
+            raise ValueError(f"the SQL response store needs PostgreSQL or SQLite, not {self.db.engine.dialect.name}")
+        self._owns_db = owns_db
+        self._t = responses_table
+
+    @classmethod
+    def from_url(cls, url: str | URL, **engine_kwargs: Any) -> SQLResponseStore:
+        """A store owning a new engine for ``url`` (see :func:`normalize_sql_url`); ``aclose`` disposes of it."""
+        return cls(SQLDatabase.from_url(url, **engine_kwargs), owns_db=True)
+
+    def _upsert(self, row: Mapping[str, Any]) -> sa.Executable:
+        t = self._t
+        insert = pg_dialect.insert if self.db.is_postgresql else sqlite_dialect.insert
+        stmt = insert(t).values(**row)
+        replaced = {name: stmt.excluded[name] for name in row if name != "id"}
+        return stmt.on_conflict_do_update(
+            index_elements=[t.c.id], set_=replaced, where=t.c.owner == stmt.excluded.owner
+        )
+
+    async def put(self, record: StoredResponse) -> None:
+        """Store ``record`` or replace the record of the same id and owner (one upsert); ``ValueError`` (nothing
+        written) if another owner holds the id, a text field holds a NUL character or the parts are not
+        JSON-ready."""
+        if _has_nul(record.id, record.owner, record.conversation_id, record.status, record.key_id):
+            raise ValueError("a stored response's ids, owner and status cannot hold NUL characters in a SQL store")
+        row = {
+            "id": record.id,
+            "owner": record.owner,
+            "conversation_id": record.conversation_id,
+            "created_at": record.created_at,
+            "status": record.status,
+            "key_id": record.key_id,
+            "data": dump_parts(record),
+        }
+        with _response_errors():
+            await self.db.ensure_tables()
+            async with self.db.engine.begin() as conn:
+                result = await conn.execute(self._upsert(row))
+        if result.rowcount != 1:
+            raise ValueError(f"a response with id {record.id!r} belongs to another owner")
+
+    async def get(self, owner: str, response_id: str) -> StoredResponse | None:
+        """``owner``'s record ``response_id``, or ``None`` (one SELECT by primary key)."""
+        if _has_nul(owner, response_id):
+            return None
+        t = self._t
+        with _response_errors():
+            await self.db.ensure_tables()
+            async with self.db.engine.connect() as conn:
+                found = await conn.execute(sa.select(t).where(t.c.id == response_id, t.c.owner == owner))
+                row = found.mappings().first()
+        return None if row is None else _response_from_row(row)
+
+    async def delete(self, owner: str, response_id: str) -> bool:
+        """Remove ``owner``'s record; ``False`` if there was none. Of concurrent deletes, exactly one is ``True``."""
+        if _has_nul(owner, response_id):
+            return False
+        t = self._t
+        with _response_errors():
+            await self.db.ensure_tables()
+            async with self.db.engine.begin() as conn:
+                result = await conn.execute(sa.delete(t).where(t.c.id == response_id, t.c.owner == owner))
+        return bool(result.rowcount)
+
+    async def last_in_conversation(self, owner: str, conversation_id: str) -> StoredResponse | None:
+        """The newest record (by ``created_at``, then ``id``) of ``owner``'s conversation, or ``None``."""
+        if _has_nul(owner, conversation_id):
+            return None
+        t = self._t
+        newest = (
+            sa.select(t)
+            .where(t.c.owner == owner, t.c.conversation_id == conversation_id)
+            .order_by(t.c.created_at.desc(), _id_order(t.c.id, self.db).desc())
+            .limit(1)
+        )
+        with _response_errors():
+            await self.db.ensure_tables()
+            async with self.db.engine.connect() as conn:
+                row = (await conn.execute(newest)).mappings().first()
+        return None if row is None else _response_from_row(row)
 
     async def aclose(self) -> None:
         """Dispose of the engine if this store created it (``from_url``); a shared database is left open."""

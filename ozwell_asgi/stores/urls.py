@@ -1,7 +1,8 @@
 """Storage by URL: one connection (engine, pool, client) per storage URL, shared by every store kind on it.
 
 :func:`open_storage` picks the storage for a URL's scheme from a registry (as ``limits``' ``storage_from_string``
-does); the object it returns makes the stores: ``.key_store()``, ``.file_store(content=None)``. So
+does); the object it returns makes the stores: ``.key_store()``, ``.file_store(content=None)``,
+``.response_store()``. So
 ``sqlite:///ozwell.db`` for keys and files is one engine, and ``postgresql://…`` one pool per process.
 :class:`Storages` keeps one storage per URL for an app (``OzwellAPI`` and ``serve`` use it) and closes each once.
 """
@@ -96,6 +97,10 @@ class Storage(Protocol):
         """File metadata here, content here too (``None``) or in ``content``."""
         ...
 
+    def response_store(self) -> ResponseStore:
+        """Stored responses of /responses, with the storage's bounds (memory: a size cap; Redis: a TTL)."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -105,10 +110,12 @@ class StorageOptions:
 
     ``redis_prefix``: the prefix of every Redis key the stores write (keys and files alike).
     ``redis_max_file_bytes``: the largest file whose content a Redis file store keeps (413 past it).
+    ``redis_response_ttl``: seconds a Redis response store keeps a response after its last write (30 days).
     """
 
     redis_prefix: str = "ozwell:"
     redis_max_file_bytes: int = 64 * 1024 * 1024
+    redis_response_ttl: float = 30 * 24 * 3600.0
 
 
 StorageFactory = Callable[[str, StorageOptions], Storage]
@@ -137,7 +144,12 @@ def _sql(url: str, options: StorageOptions) -> Storage:
 def _redis(url: str, options: StorageOptions) -> Storage:
     from .redis import RedisStorage
 
-    return RedisStorage.from_url(url, prefix=options.redis_prefix, max_file_bytes=options.redis_max_file_bytes)
+    return RedisStorage.from_url(
+        url,
+        prefix=options.redis_prefix,
+        max_file_bytes=options.redis_max_file_bytes,
+        response_ttl=options.redis_response_ttl,
+    )
 
 
 register_storage("memory", _memory)
@@ -193,7 +205,8 @@ class Storages:
         return self.open(url).file_store(content)
 
     def response_store(self, url: str) -> ResponseStore:
-        """The response store on ``url`` (``ValueError`` if that storage keeps no responses)."""
+        """The response store on ``url`` (``ValueError`` if that storage keeps no responses: a host's storage
+        registered before :class:`Storage` had ``response_store``)."""
         storage = self.open(url)
         make = getattr(storage, "response_store", None)
         if make is None:

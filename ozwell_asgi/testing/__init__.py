@@ -3,6 +3,6 @@
 Importing it needs pytest (the ``testing`` extra: ``pip install ozwell-asgi[testing]``).
 """
 
-from .contracts import FileStoreContract, KeyStoreContract
+from .contracts import FileStoreContract, KeyStoreContract, ResponseStoreContract
 
-__all__ = ["FileStoreContract", "KeyStoreContract"]
+__all__ = ["FileStoreContract", "KeyStoreContract", "ResponseStoreContract"]

@@ -24,6 +24,9 @@ overridden the same way:
   rows, keys, objects; the all-or-nothing and delete tests then check it is nothing) and
   ``content_held_in_process`` (``True`` for a store that keeps content in this process's memory by design, which
   the bounded-memory test then does not hold against it).
+- :class:`ResponseStoreContract`: ``response_store_reopen`` (as ``key_store_reopen``) and
+  :meth:`~ResponseStoreContract.forget` (make the storage forget one record as its bound would: expire it, evict
+  it; the test that a forgotten record is simply unknown then runs).
 """
 
 from __future__ import annotations
@@ -41,10 +44,10 @@ import pytest
 
 from ..errors import PayloadTooLargeError
 from ..pages import paginate
-from ..protocols import FileStore, KeyStore
-from ..types import APIKey, Page, PageQuery, StoredFile
+from ..protocols import FileStore, KeyStore, ResponseStore
+from ..types import APIKey, Page, PageQuery, StoredFile, StoredResponse
 
-__all__ = ["FileStoreContract", "KeyStoreContract"]
+__all__ = ["FileStoreContract", "KeyStoreContract", "ResponseStoreContract", "make_response"]
 
 ORDERS: tuple[Literal["asc", "desc"], ...] = ("asc", "desc")
 
@@ -775,3 +778,336 @@ class FileStoreContract:
         if not self.content_held_in_process:
             assert create_peak < self.streaming_peak_bytes, f"storing 20 MiB peaked at {create_peak} bytes"
         assert read_peak < self.streaming_peak_bytes, f"reading 20 MiB peaked at {read_peak} bytes"
+
+
+# ---------------------------------------------------------------------------------------------- response stores
+
+
+def make_response(n: int | str, **changes: Any) -> StoredResponse:
+    """A stored response of ``alice`` numbered ``n`` (id ``resp_{n}``): one input item, a two-message conversation,
+    no conversation id; ``changes`` applied (``status`` is mirrored into ``response``)."""
+    status = changes.get("status", "completed")
+    response_id = changes.get("id", f"resp_{n}")
+    record = StoredResponse(
+        id=response_id,
+        owner="alice",
+        created_at=1000,
+        status=status,
+        response={
+            "id": response_id,
+            "object": "response",
+            "created_at": changes.get("created_at", 1000),
+            "status": status,
+            "model": "echo",
+            "output": [
+                {
+                    "id": f"msg_out_{n}",
+                    "type": "message",
+                    "role": "assistant",
+                    "status": "completed",
+                    "content": [{"type": "output_text", "text": f"answer {n}", "annotations": []}],
+                }
+            ],
+            "usage": {"input_tokens": 3, "output_tokens": 2, "total_tokens": 5},
+        },
+        input_items=(
+            {
+                "id": f"msg_in_{n}",
+                "type": "message",
+                "role": "user",
+                "content": [{"type": "input_text", "text": f"question {n}"}],
+            },
+        ),
+        conversation=({"role": "user", "content": f"question {n}"}, {"role": "assistant", "content": f"answer {n}"}),
+        key_id="key_1",
+    )
+    return dataclasses.replace(record, **changes)
+
+
+def _newest(records: Iterable[StoredResponse]) -> StoredResponse | None:
+    return max(records, key=lambda r: (r.created_at, r.id), default=None)
+
+
+class ResponseStoreContract:
+    """The :class:`~ozwell_asgi.protocols.ResponseStore` contract. Needs a ``response_store`` fixture: an empty
+    store.
+
+    Optional hooks: ``response_store_reopen`` (a fixture: a callable opening another store on the same storage, to
+    check that a second process sees every write; ``None`` skips that test), and :meth:`forget` (make the storage
+    forget one record as its bound would: an expiry, an eviction; the test that a forgotten record is simply
+    unknown is skipped when it returns ``False``).
+    """
+
+    pytestmark: ClassVar[list[pytest.MarkDecorator]] = [pytest.mark.anyio]
+
+    @pytest.fixture
+    def response_store(self) -> ResponseStore:
+        pytest.fail("define a `response_store` fixture (an empty store) in your ResponseStoreContract subclass")
+
+    @pytest.fixture
+    def response_store_reopen(self) -> Callable[[], ResponseStore] | None:
+        """Opens another store on the same storage (closed by you after the test), or ``None`` if the storage
+        is process-local."""
+        return None
+
+    async def forget(self, store: Any, record: StoredResponse) -> bool:
+        """Make ``store`` forget ``record`` as its bound would (expire it, evict it); ``False`` if it never
+        forgets a record (the default)."""
+        return False
+
+    # -- roundtrip --------------------------------------------------------------------------------------------------
+
+    async def test_put_get_roundtrip_every_field(self, response_store: ResponseStore) -> None:
+        """Every field comes back equal: nested JSON of every type, unicode (a NUL, an emoji, a lone surrogate),
+        integers past 2**53, exact floats, empty parts, and a conversation of about 1 MB."""
+        odd = "ünïcode — 日本語 😀 \x00 nul \ud800 lone \\ \" '"
+        full = make_response(
+            "full",
+            owner="org-1 ü",
+            created_at=4_102_444_800,  # past 2038: needs 64-bit storage
+            status="incomplete",
+            conversation_id="conv-full",
+            key_id="key_full",
+            response={
+                "id": "resp_full",
+                "status": "incomplete",
+                "text": odd,
+                "numbers": [0, -1, 2**63 - 1, 2**70, 1.5, -0.25, 1e-300, 123456.789],
+                "flags": {"yes": True, "no": False, "none": None},
+                "nested": {"a": [{"b": [{"c": [[], {}, "", [None]]}]}]},
+                "metadata": {odd: odd},
+            },
+            input_items=tuple({"id": f"item_{i}", "type": "message", "content": odd * i} for i in range(5)),
+        )
+        minimal = StoredResponse(id="resp_min", owner="alice", created_at=0, status="queued", response={})
+        big_text = "Ω" * 2500 + "x" * 2500  # 7.5 KB of UTF-8 per message, about 1 MB in all
+        large = make_response(
+            "large",
+            conversation_id="conv-large",
+            conversation=tuple(
+                {"role": "user" if i % 2 else "assistant", "content": f"{i}: {big_text}"} for i in range(140)
+            ),
+        )
+        for record in (full, minimal, large):
+            await response_store.put(record)
+        for record in (full, minimal, large):
+            got = await response_store.get(record.owner, record.id)
+            assert got == record
+            assert got is not None
+            assert isinstance(got.input_items, tuple)
+            assert isinstance(got.conversation, tuple)
+        assert await response_store.last_in_conversation("org-1 ü", "conv-full") == full
+        assert await response_store.last_in_conversation("alice", "conv-large") == large
+
+    async def test_unknown_ids_and_conversations(self, response_store: ResponseStore) -> None:
+        assert await response_store.get("alice", "resp_nope") is None
+        assert await response_store.delete("alice", "resp_nope") is False
+        assert await response_store.last_in_conversation("alice", "conv-nope") is None
+        await response_store.put(make_response(1))  # no conversation: in none
+        assert await response_store.last_in_conversation("alice", "") is None
+
+    async def test_lookups_by_text_no_record_can_hold_find_nothing(self, response_store: ResponseStore) -> None:
+        """A NUL character (PostgreSQL cannot store one) in an owner, id or conversation id: not found, never an
+        error."""
+        record = make_response(1, conversation_id="conv")
+        await response_store.put(record)
+        for bad in ("\x00", "resp_1\x00", "al\x00ice"):
+            assert await response_store.get("alice", bad) is None
+            assert await response_store.get(bad, "resp_1") is None
+            assert await response_store.delete(bad, "resp_1") is False
+            assert await response_store.delete("alice", bad) is False
+            assert await response_store.last_in_conversation(bad, "conv") is None
+            assert await response_store.last_in_conversation("alice", bad) is None
+        assert await response_store.get("alice", "resp_1") == record
+
+    # -- owners -----------------------------------------------------------------------------------------------------
+
+    async def test_another_owners_record_is_an_unknown_one(self, response_store: ResponseStore) -> None:
+        mine = make_response(1, conversation_id="conv")
+        theirs = make_response(2, owner="bob", conversation_id="conv", created_at=500)
+        await response_store.put(mine)
+        await response_store.put(theirs)
+        assert await response_store.get("bob", mine.id) is None
+        assert await response_store.delete("bob", mine.id) is False
+        assert await response_store.get("alice", mine.id) == mine  # still there
+        assert await response_store.get("alice", theirs.id) is None
+        assert await response_store.delete("alice", theirs.id) is False
+        # The same conversation id is a different conversation for each owner.
+        assert await response_store.last_in_conversation("alice", "conv") == mine
+        assert await response_store.last_in_conversation("bob", "conv") == theirs
+        assert await response_store.last_in_conversation("carol", "conv") is None
+        assert await response_store.delete("alice", mine.id) is True
+        assert await response_store.last_in_conversation("alice", "conv") is None
+        assert await response_store.last_in_conversation("bob", "conv") == theirs
+
+    async def test_a_put_of_another_owners_id_is_refused_and_changes_nothing(
+        self, response_store: ResponseStore
+    ) -> None:
+        original = make_response(1, conversation_id="conv")
+        await response_store.put(original)
+        for conversation_id in ("conv", "other", None):
+            intruder = make_response(1, owner="bob", status="failed", conversation_id=conversation_id)
+            with pytest.raises(ValueError, match="another owner"):
+                await response_store.put(intruder)
+            assert await response_store.get("bob", original.id) is None
+            assert await response_store.last_in_conversation("bob", conversation_id or "conv") is None
+        assert await response_store.get("alice", original.id) == original
+        assert await response_store.last_in_conversation("alice", "conv") == original
+
+    # -- replace and delete -----------------------------------------------------------------------------------------
+
+    async def test_put_replaces_the_record_of_the_same_id_and_owner(self, response_store: ResponseStore) -> None:
+        """A background run is put when queued and again as it ends: the second put replaces every field."""
+        queued = make_response(1, status="queued", conversation_id="conv", conversation=())
+        await response_store.put(queued)
+        assert await response_store.get("alice", queued.id) == queued
+        done = make_response(1, status="completed", conversation_id="conv")
+        await response_store.put(done)
+        assert await response_store.get("alice", done.id) == done
+        assert await response_store.last_in_conversation("alice", "conv") == done
+        # A replacement may move the record to another conversation, or out of any.
+        moved = make_response(1, conversation_id="elsewhere", created_at=7)
+        await response_store.put(moved)
+        assert await response_store.last_in_conversation("alice", "conv") is None
+        assert await response_store.last_in_conversation("alice", "elsewhere") == moved
+        alone = make_response(1, conversation_id=None)
+        await response_store.put(alone)
+        assert await response_store.last_in_conversation("alice", "elsewhere") is None
+        assert await response_store.get("alice", alone.id) == alone
+
+    async def test_delete_is_idempotent_and_frees_the_id(self, response_store: ResponseStore) -> None:
+        doomed, kept = make_response(1, conversation_id="conv"), make_response(2, conversation_id="conv")
+        await response_store.put(doomed)
+        await response_store.put(kept)
+        assert await response_store.delete("alice", doomed.id) is True
+        assert await response_store.delete("alice", doomed.id) is False
+        assert await response_store.get("alice", doomed.id) is None
+        assert await response_store.get("alice", kept.id) == kept
+        assert await response_store.last_in_conversation("alice", "conv") == kept
+        again = make_response(1, owner="bob")  # a deleted id is free, for any owner
+        await response_store.put(again)
+        assert await response_store.get("bob", again.id) == again
+
+    # -- conversations ----------------------------------------------------------------------------------------------
+
+    async def test_last_in_conversation_is_the_newest_by_created_at_then_id(
+        self, response_store: ResponseStore
+    ) -> None:
+        """Ties on ``created_at`` go to the greater id, compared byte by byte (``resp_B < resp_a < resp_é``); a
+        record put later but created earlier does not take over; deleting the newest makes the next one newest."""
+        ids = ["resp_B", "resp_a", "resp_A", "resp_b", "resp__", "resp_-", "resp_1", "resp_10", "resp_2", "resp_é"]
+        records = [make_response(n, id=i, conversation_id="conv", created_at=100 + n % 3) for n, i in enumerate(ids)]
+        noise = [
+            make_response("other-conv", conversation_id="conv-2", created_at=999),
+            make_response("no-conv", created_at=999),
+            make_response("bobs", owner="bob", conversation_id="conv", created_at=999),
+        ]
+        for record in random.sample(records + noise, len(records) + len(noise)):
+            await response_store.put(record)
+        remaining = list(records)
+        while remaining:
+            newest = _newest(remaining)
+            assert newest is not None
+            assert await response_store.last_in_conversation("alice", "conv") == newest
+            assert await response_store.delete("alice", newest.id) is True
+            remaining.remove(newest)
+        assert await response_store.last_in_conversation("alice", "conv") is None
+        assert await response_store.last_in_conversation("alice", "conv-2") == noise[0]
+        assert await response_store.last_in_conversation("bob", "conv") == noise[2]
+
+    async def test_deleting_an_older_record_keeps_the_newest(self, response_store: ResponseStore) -> None:
+        records = [make_response(n, conversation_id="conv", created_at=n) for n in range(4)]
+        for record in records:
+            await response_store.put(record)
+        assert await response_store.delete("alice", records[1].id) is True
+        assert await response_store.last_in_conversation("alice", "conv") == records[3]
+        late = make_response("late", conversation_id="conv", created_at=2)  # put last, created before resp_3
+        await response_store.put(late)
+        assert await response_store.last_in_conversation("alice", "conv") == records[3]
+
+    # -- concurrency ------------------------------------------------------------------------------------------------
+
+    async def test_concurrent_puts_are_all_stored(self, response_store: ResponseStore) -> None:
+        records = [
+            make_response(n, owner=f"owner-{n % 3}", conversation_id=f"conv-{n % 4}", created_at=n % 7)
+            for n in range(48)
+        ]
+        async with anyio.create_task_group() as tg:
+            for record in records:
+                tg.start_soon(response_store.put, record)
+        for record in records:
+            assert await response_store.get(record.owner, record.id) == record
+        for owner in range(3):
+            for conv in range(4):
+                scope = [r for r in records if r.owner == f"owner-{owner}" and r.conversation_id == f"conv-{conv}"]
+                got = await response_store.last_in_conversation(f"owner-{owner}", f"conv-{conv}")
+                assert got == _newest(scope)
+
+    async def test_concurrent_replacements_of_one_id_leave_one_whole_record(
+        self, response_store: ResponseStore
+    ) -> None:
+        """Puts of one id racing (each naming another conversation): one of them is stored whole, and it is in
+        its own conversation and no other."""
+        versions = [make_response(1, status=f"s{n}", conversation_id=f"conv-{n}", created_at=n) for n in range(12)]
+        await response_store.put(versions[0])
+        async with anyio.create_task_group() as tg:
+            for version in versions[1:]:
+                tg.start_soon(response_store.put, version)
+        final = await response_store.get("alice", "resp_1")
+        assert final in versions[1:]
+        for version in versions:
+            expected = final if version == final else None
+            assert await response_store.last_in_conversation("alice", version.conversation_id or "") == expected
+
+    async def test_concurrent_deletes_succeed_exactly_once(self, response_store: ResponseStore) -> None:
+        await response_store.put(make_response(1, conversation_id="conv"))
+        results: list[bool] = []
+
+        async def delete() -> None:
+            results.append(await response_store.delete("alice", "resp_1"))
+
+        async with anyio.create_task_group() as tg:
+            for _ in range(10):
+                tg.start_soon(delete)
+        assert sorted(results) == [False] * 9 + [True]
+        assert await response_store.last_in_conversation("alice", "conv") is None
+
+    # -- persistence and bounds -------------------------------------------------------------------------------------
+
+    async def test_a_second_instance_sees_every_write(
+        self, response_store: ResponseStore, response_store_reopen: Callable[[], ResponseStore] | None
+    ) -> None:
+        if response_store_reopen is None:
+            pytest.skip("the storage is process-local")
+        first, second = make_response(1, conversation_id="conv"), make_response(2, conversation_id="conv")
+        await response_store.put(first)
+        other = response_store_reopen()
+        assert await other.get("alice", first.id) == first
+        await other.put(second)
+        done = make_response(1, status="failed", conversation_id="conv", created_at=5000)
+        await other.put(done)
+        assert await response_store.get("alice", second.id) == second
+        assert await response_store.get("alice", first.id) == done
+        assert await response_store.last_in_conversation("alice", "conv") == done
+        assert await other.delete("alice", first.id) is True
+        third = response_store_reopen()
+        assert await third.get("alice", first.id) is None
+        assert await third.last_in_conversation("alice", "conv") == second
+
+    async def test_a_forgotten_record_is_simply_unknown(self, response_store: ResponseStore) -> None:
+        """What a bounded store forgets (past its cap, its TTL) is unknown everywhere, and its id can be put
+        again; the conversation's newest remaining record takes its place."""
+        records = [make_response(n, conversation_id="conv", created_at=n) for n in range(3)]
+        for record in records:
+            await response_store.put(record)
+        if not await self.forget(response_store, records[2]):
+            pytest.skip("this store never forgets a record")
+        assert await response_store.get("alice", records[2].id) is None
+        assert await response_store.delete("alice", records[2].id) is False
+        assert await response_store.last_in_conversation("alice", "conv") == records[1]
+        assert await self.forget(response_store, records[1])
+        assert await self.forget(response_store, records[0])
+        assert await response_store.last_in_conversation("alice", "conv") is None
+        await response_store.put(records[1])
+        assert await response_store.get("alice", records[1].id) == records[1]
+        assert await response_store.last_in_conversation("alice", "conv") == records[1]
