@@ -119,7 +119,13 @@ async def build(workdir: Path, key_cache_ttl: float) -> tuple[App, App, str]:
     manager = KeyManager(store, KeyHasher(os.environ["OZWELL_SECRET"]))
     _, key = await manager.create(name="bench", owner="default", plan="enterprise", rpm=10**9, tpm=10**12)
     await store.aclose()  # type: ignore[attr-defined]
-    config = ServeConfig(store_url, "memory://", os.environ["OZWELL_SECRET"], key_cache_ttl=key_cache_ttl)
+    config = ServeConfig(
+        store_url=store_url,
+        limiter_url="memory://",
+        secret=os.environ["OZWELL_SECRET"],
+        key_cache_ttl=key_cache_ttl,
+        file_content_url="store",
+    )
     served = build_app(config)
     await served.api.startup()
     os.environ["BENCH_KEY"] = key
