@@ -304,6 +304,8 @@ class ResponseBuilder:
         ``response.incomplete``."""
         frames: list[bytes] = []
         reason = {"length": "max_output_tokens", "content_filter": "content_filter"}.get(self.finish_reason or "")
+        if not self.response["output"]:  # an empty answer is still a message, with empty text
+            self._open_part(frames, "output_text")
         self._close(frames, "incomplete" if reason else "completed")
         if reason:
             self.response["incomplete_details"] = {"reason": reason}

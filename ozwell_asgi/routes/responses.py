@@ -250,7 +250,8 @@ def _chat_request(wire: CreateResponseRequest, model: str, messages: list[JSON],
 def _response_object(
     wire: CreateResponseRequest, response_id: str, created_at: int, conversation_id: str | None
 ) -> JSON:
-    """The Response as it starts: every field of OpenAI's ``Response``, output empty, status ``in_progress``."""
+    """The Response as it starts: every field of OpenAI's ``Response``, output empty, status ``in_progress``;
+    ``usage`` is added when it is known (OpenAI's schema does not let it be null)."""
     tools = [
         {
             "type": "function",
@@ -312,7 +313,6 @@ def _response_object(
         "top_logprobs": 0,
         "top_p": wire.top_p if wire.top_p is not None else 1.0,
         "truncation": wire.truncation or "disabled",
-        "usage": None,
         "metadata": dict(wire.metadata) if wire.metadata is not None else {},
     }
     if wire.user is not None:  # OpenAI's schema types ``user`` as a string: absent rather than null
