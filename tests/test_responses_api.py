@@ -23,7 +23,17 @@ from ozwell_asgi.context import Settings
 from ozwell_asgi.protocols import ResponseStore
 from ozwell_asgi.ratelimit import LimitsRateLimiter
 from ozwell_asgi.stores.memory import MemoryKeyStore, MemoryResponseStore
-from ozwell_asgi.types import ToolCall, UsageEvent
+from ozwell_asgi.types import (
+    AssistantMessage,
+    ChatChoice,
+    ChatChunk,
+    ChatResult,
+    ModelInfo,
+    ToolCall,
+    ToolCallDelta,
+    Usage,
+    UsageEvent,
+)
 from ozwell_asgi.wire.chat import ChatCompletionRequest
 from tests.harness import async_openai, raw_client, sync_openai
 from tests.openai_schema import validate
@@ -661,3 +671,117 @@ def test_background_and_cancel_sync() -> None:
                 break
         assert done.output_text == "reply 1 to sync background"
         assert client.responses.cancel(queued.id).status == "completed"
+
+
+# --- every kind of output item, streamed and whole ---------------------------------------------------------------
+
+
+class Scripted:
+    """A backend streaming reasoning, text, a refusal and two tool calls (arguments in pieces), with usage; its
+    ``complete_chat`` answers the same as one result when ``whole`` is set."""
+
+    def __init__(self, whole: bool) -> None:
+        if whole:
+            self.complete_chat = self._complete
+
+    async def list_models(self) -> list[ModelInfo]:
+        return [ModelInfo(id="scripted")]
+
+    async def stream_chat(self, request: ChatCompletionRequest, call: Any) -> AsyncIterator[ChatChunk]:
+        yield ChatChunk(role="assistant", reasoning_content="Let me ")
+        yield ChatChunk(reasoning_content="think.")
+        yield ChatChunk(content="Here ")
+        yield ChatChunk(content="it is.")
+        yield ChatChunk(refusal="But not that.")
+        yield ChatChunk(tool_calls=(ToolCallDelta(index=0, id="call_a", name="first", arguments='{"a"'),))
+        yield ChatChunk(tool_calls=(ToolCallDelta(index=0, arguments=": 1}"),))
+        yield ChatChunk(tool_calls=(ToolCallDelta(index=1, id="call_b", name="second", arguments="{}"),))
+        yield ChatChunk(finish_reason="tool_calls")
+        yield ChatChunk(usage=Usage(40, 12, completion_tokens_details={"reasoning_tokens": 3}))
+
+    async def _complete(self, request: ChatCompletionRequest, call: Any) -> ChatResult:
+        message = AssistantMessage(
+            content="Here it is.",
+            refusal="But not that.",
+            reasoning_content="Let me think.",
+            tool_calls=(ToolCall("call_a", "first", '{"a": 1}'), ToolCall("call_b", "second", "{}")),
+        )
+        return ChatResult((ChatChoice(0, message, "tool_calls"),), Usage(40, 12, None, {"reasoning_tokens": 3}))
+
+
+def check_scripted_output(body: dict[str, Any]) -> None:
+    output = body["output"]
+    assert [item["type"] for item in output] == ["reasoning", "message", "function_call", "function_call"]
+    assert output[0]["content"] == [{"type": "reasoning_text", "text": "Let me think."}]
+    assert output[1]["content"] == [
+        {"type": "output_text", "text": "Here it is.", "annotations": [], "logprobs": []},
+        {"type": "refusal", "refusal": "But not that."},
+    ]
+    assert [(c["call_id"], c["name"], c["arguments"]) for c in output[2:]] == [
+        ("call_a", "first", '{"a": 1}'),
+        ("call_b", "second", "{}"),
+    ]
+    assert body["usage"]["output_tokens_details"] == {"reasoning_tokens": 3}
+    assert (body["usage"]["input_tokens"], body["usage"]["output_tokens"]) == (40, 12)
+
+
+@pytest.mark.parametrize("whole", [False, True], ids=["streamed", "complete_chat"])
+async def test_every_output_item_kind(whole: bool) -> None:
+    world = await World(MemoryResponseStore(), backend=Scripted(whole)).setup()
+    async with raw_client(world.api) as http:
+        headers = {"authorization": f"Bearer {world.alice}"}
+        plain = await http.post("/responses", json={"model": "scripted", "input": "go"}, headers=headers)
+        check_scripted_output(check_response(plain.json()))
+        streamed = await http.post(
+            "/responses", json={"model": "scripted", "input": "go", "stream": True}, headers=headers
+        )
+    events = parse_sse(streamed.text)
+    for _, data in events:
+        check_event(data)
+    check_scripted_output(check_response(events[-1][1]["response"]))
+    kinds = [kind for kind, _ in events]
+    assert kinds == [
+        "response.created",
+        "response.in_progress",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.reasoning_text.delta",
+        "response.reasoning_text.delta",
+        "response.reasoning_text.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.content_part.added",
+        "response.output_text.delta",
+        "response.output_text.delta",
+        "response.output_text.done",
+        "response.content_part.done",
+        "response.content_part.added",
+        "response.refusal.delta",
+        "response.refusal.done",
+        "response.content_part.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.output_item.added",
+        "response.function_call_arguments.delta",
+        "response.function_call_arguments.done",
+        "response.output_item.done",
+        "response.completed",
+    ]
+    # The chained turn carries the answer's text, refusal and calls as one assistant message.
+    record = await world.store.get("alice", events[-1][1]["response"]["id"])
+    assert record is not None
+    assert record.conversation[-1] == {
+        "role": "assistant",
+        "content": "Here it is.",
+        "refusal": "But not that.",
+        "tool_calls": [
+            {"id": "call_a", "type": "function", "function": {"name": "first", "arguments": '{"a": 1}'}},
+            {"id": "call_b", "type": "function", "function": {"name": "second", "arguments": "{}"}},
+        ],
+    }
+    await world.api.aclose()
