@@ -17,6 +17,7 @@ no reasoning input.
 from __future__ import annotations
 
 import random
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,14 +41,21 @@ from .wire.responses import (
     TextFormatJSONSchema,
 )
 
-__all__ = ["TurnInput", "answer_message", "new_id", "tool_fields", "turn_input"]
+__all__ = ["TurnInput", "answer_message", "new_id", "new_response_id", "tool_fields", "turn_input"]
 
 JSON = dict[str, Any]
 
 
 def new_id(prefix: str) -> str:
-    """``<prefix>_`` and 128 random bits in hex: unique, not secret (``resp``, ``msg``, ``fc``...)."""
+    """``<prefix>_`` and 128 random bits in hex: unique, not secret (``msg``, ``fc``...)."""
     return f"{prefix}_{random.getrandbits(128):032x}"
+
+
+def new_response_id() -> str:
+    """``resp_``, microseconds since the epoch, then 72 random bits, in hex: unique, not secret, and in creation
+    order, so responses of the same second (``created_at``) still order as they were made (the store's
+    ``last_in_conversation`` is the newest by ``created_at``, then ``id``)."""
+    return f"resp_{time.time_ns() // 1000:014x}{random.getrandbits(72):018x}"
 
 
 @dataclass(frozen=True, slots=True)

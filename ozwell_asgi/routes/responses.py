@@ -43,7 +43,7 @@ from ..response_run import ResponseBuilder, result_chunks
 from ..responses import JSONResponse
 from ..sse import PING, SSEResponse
 from ..tokens import count_chat_prompt
-from ..turns import answer_message, new_id, tool_fields, turn_input
+from ..turns import answer_message, new_response_id, tool_fields, turn_input
 from ..types import SCOPE_API, Call, ChatChunk, Principal, Source, StoredResponse
 from ..wire._errors import invalid_request
 from ..wire.chat import ChatCompletionRequest
@@ -374,7 +374,7 @@ async def _prepare(
         prompt = await anyio.to_thread.run_sync(count_chat_prompt, services.tokenizer, chat)
     else:
         prompt = count_chat_prompt(services.tokenizer, chat)
-    response_id = new_id("resp")
+    response_id = new_response_id()
     response = _response_object(wire, response_id, int(time.time()), conversation_id)
     if wire.include_sources:
         response["sources"] = [
