@@ -27,10 +27,11 @@ from starlette.routing import compile_path
 from .auth import Authenticator, KeyHasher, KeyManager
 from .backends import capabilities
 from .backends.echo import EchoBackend
+from .background import BackgroundRuns
 from .context import Services, Settings
 from .errors import MethodNotAllowedError, NotFoundError, OzwellError, internal_error
 from .meter import UsageSink
-from .protocols import ChatBackend, EmbeddingBackend, FileStore, KeyStore, RateLimiter
+from .protocols import ChatBackend, EmbeddingBackend, FileStore, KeyStore, RateLimiter, ResponseStore
 from .ratelimit import DEFAULT_PLANS, LimitsRateLimiter, Plan
 from .responses import error_response
 from .routes import ROUTES, Handler, RouteRow
@@ -165,6 +166,11 @@ class OzwellAPI:
 
     ``file_store`` keeps the files of ``/files`` (any :class:`~ozwell_asgi.protocols.FileStore`, or a URL); by default
     ``memory://``, a :class:`~ozwell_asgi.stores.memory.MemoryFileStore` (this process's memory, 1 GiB in all).
+
+    ``response_store`` keeps the responses of ``/responses`` (any :class:`~ozwell_asgi.protocols.ResponseStore`, or a
+    URL); by default ``memory://`` (this process's memory, the 10,000 most recently used). ``None``: no
+    ``/responses`` routes (they are served only with a backend that chats). Background responses run in this
+    process and are cancelled by :meth:`aclose`.
     """
 
     def __init__(
@@ -181,6 +187,7 @@ class OzwellAPI:
         settings: Settings | None = None,
         tokenizer: Tokenizer | None = None,
         on_usage: UsageSink | None = None,
+        response_store: ResponseStore | str | None = "memory://",
     ) -> None:
         if on_limiter_error not in ("closed", "open"):
             raise ValueError("on_limiter_error must be 'closed' or 'open'")
@@ -191,6 +198,9 @@ class OzwellAPI:
         if isinstance(file_store, str):
             file_store = storages.file_store(file_store)
         self.file_store: FileStore | None = file_store
+        if isinstance(response_store, str):
+            response_store = storages.response_store(response_store)
+        self.response_store: ResponseStore | None = response_store
         if isinstance(key_store, str):
             url = key_store
             key_store = storages.key_store(url)
@@ -231,11 +241,17 @@ class OzwellAPI:
             plans=plans,
             files=file_store,
             on_usage=on_usage,
+            responses=response_store,
         )
+        if response_store is not None and served.chat is not None:
+            # Background runs are cancelled (their meters settled) before the stores close: _owned closes in reverse.
+            self.services.background = BackgroundRuns(settings.max_background_responses)
+            self._owned.append(self.services.background)
         has = {
             "chat": served.chat is not None,
             "embeddings": served.embeddings is not None,
             "files": self.services.files is not None,
+            "responses": served.chat is not None and response_store is not None,
         }
         self.routes = _RouteTable(
             (row, _Endpoint(row.handler, self.services))

@@ -10,6 +10,7 @@ from typing import Literal
 from starlette.requests import Request
 
 from .auth import Authenticator, KeyManager, model_allowed, require_scope
+from .background import BackgroundRuns
 from .bodies import header, read_json_body
 from .errors import NotFoundError, PermissionDeniedError
 from .meter import Meter, UsageSink
@@ -55,6 +56,13 @@ class Settings:
     ``max_model_pattern_length``: longest model id or glob in a key's ``models``, in characters (256).
     ``max_file_size``: largest file ``POST /files`` accepts (bytes; 512 MiB, OpenAI's), else 413 as soon as the
     upload passes it (a larger ``Content-Length`` is refused before reading).
+    ``max_input_items``: input items (or Ozwell's ``messages``) in one ``POST /responses``, else 400 (``param``
+    ``input``); the whole conversation sent to the backend is held to ``max_messages`` too (``truncation: "auto"``
+    drops its oldest turns instead).
+    ``max_background_responses``: ``background: true`` responses in progress at once in one process, else 503.
+    ``background_cancel_check``: seconds between a background run's looks at its stored record, between chunks, for
+    a cancel or delete made by another worker (it also looks once before recording its result).
+    ``max_sources``: passages ``include_sources`` asks the source finder for and gives the model.
     """
 
     max_body_size: int = 32 * 1024 * 1024
@@ -69,6 +77,10 @@ class Settings:
     max_model_patterns: int = 256
     max_model_pattern_length: int = 256
     max_file_size: int = 512 * 1024 * 1024
+    max_input_items: int = 2048
+    max_background_responses: int = 64
+    background_cancel_check: float = 2.0
+    max_sources: int = 5
 
     def __post_init__(self) -> None:
         for name in (
@@ -80,6 +92,9 @@ class Settings:
             "max_model_patterns",
             "max_model_pattern_length",
             "max_file_size",
+            "max_input_items",
+            "max_background_responses",
+            "max_sources",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"Settings.{name} must be >= 1")
@@ -87,6 +102,8 @@ class Settings:
             raise ValueError("Settings.body_idle_timeout and Settings.call_timeout must be > 0")
         if self.stream_keepalive < 0:
             raise ValueError("Settings.stream_keepalive must be >= 0")
+        if self.background_cancel_check <= 0:
+            raise ValueError("Settings.background_cancel_check must be > 0")
         if self.offload_parse_above < 0:
             raise ValueError("Settings.offload_parse_above must be >= 0")
 
@@ -107,6 +124,7 @@ class Services:
     on_usage: UsageSink | None = None  # called with each billable call's UsageEvent when its meter settles
     responses: ResponseStore | None = None  # stored responses of /responses; None: the app serves no /responses
     sources: SourceFinder | None = None  # include_sources on /responses; None: a 400 that says why
+    background: BackgroundRuns | None = None  # background /responses runs of this process (with a response store)
 
     async def authenticate(self, request: Request, scope: str, *alternatives: str) -> Principal:
         """The caller, who must hold ``scope`` (or one of ``alternatives``); raises 401/403 in the envelope."""

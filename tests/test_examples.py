@@ -20,7 +20,14 @@ EXAMPLES = ROOT / "examples"
 
 
 def test_every_example_is_tested() -> None:
-    tested = {"custom_backend.py", "fastapi_app.py", "openai_sdk.py", "fleet.sh", "function_backend.py"}
+    tested = {
+        "custom_backend.py",
+        "fastapi_app.py",
+        "openai_sdk.py",
+        "fleet.sh",
+        "function_backend.py",
+        "responses_chat.py",
+    }
     present = {p.name for p in EXAMPLES.iterdir() if p.suffix in (".py", ".sh") and p.name != "__init__.py"}
     assert present <= tested, f"untested examples: {present - tested}"
 
@@ -78,3 +85,33 @@ def test_openai_sdk_example() -> None:
         )
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["Hello, Ozwell!", "Tell me a story", "Hello from asyncio"]
+
+
+@pytest.mark.slow
+def test_responses_chat_example() -> None:
+    """The conversation example over a real socket, against a backend that shows what it was sent: each answer
+    lists the user messages the model saw, so the output proves the server carried the conversation."""
+    from ozwell_asgi.backends.function import FunctionBackend
+    from ozwell_asgi.wire.chat import ChatCompletionRequest
+
+    def reply(request: ChatCompletionRequest) -> str:
+        return " | ".join(str(m.content) for m in request.messages if m.role == "user")
+
+    api = OzwellAPI(secret="s" * 32, backend=FunctionBackend(reply, models=("seen",)))
+    key = anyio.run(lambda: api.keys.create(name="t", owner="o"))[1]
+    with uvicorn_server(PrefixedApp(api)) as url:
+        out = subprocess.run(
+            [sys.executable, str(EXAMPLES / "responses_chat.py")],
+            env={**os.environ, "OZWELL_API_KEY": key, "OZWELL_BASE_URL": url + "/v1", "OZWELL_MODEL": "seen"},
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [
+        "My name is Ada.",
+        "My name is Ada. | What is my name?",
+        "['What is my name?']",
+        "First question",
+        "First question | Second question",
+    ]

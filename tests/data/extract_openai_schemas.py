@@ -35,6 +35,8 @@ ROOTS = [
     "Response",
     "ResponseStreamEvent",
     "ResponseItemList",
+    "TokenCountsBody",
+    "TokenCountsResource",
 ]
 DROP = frozenset({"description", "example", "examples", "x-oaiMeta"})
 REF_PREFIX = "#/components/schemas/"
