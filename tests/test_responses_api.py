@@ -4,7 +4,7 @@ backend receives the whole conversation), ``store: false``, owner isolation; eve
 OpenAI's schemas.
 
 The tests that touch what a store keeps run over every ResponseStore adapter the ``response_store`` fixture yields
-(the memory store here; the SQL and Redis adapters join it when they land).
+(memory, SQLite, PostgreSQL and Redis).
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -23,6 +24,7 @@ from ozwell_asgi.context import Settings
 from ozwell_asgi.protocols import ResponseStore
 from ozwell_asgi.ratelimit import LimitsRateLimiter
 from ozwell_asgi.stores.memory import MemoryKeyStore, MemoryResponseStore
+from ozwell_asgi.stores.urls import StorageOptions, Storages
 from ozwell_asgi.types import (
     AssistantMessage,
     ChatChoice,
@@ -53,16 +55,34 @@ def fixed_clock() -> float:
 
 # --- the stores the adapter-facing tests run over: add an adapter here when it lands ----------------------------
 
-STORES = {"memory": lambda: MemoryResponseStore()}
+STORES = [
+    pytest.param("memory"),
+    pytest.param("sqlite"),
+    pytest.param("postgres", marks=pytest.mark.services),
+    pytest.param("redis", marks=pytest.mark.services),
+]
 
 
-@pytest.fixture(params=sorted(STORES))
-async def response_store(request: pytest.FixtureRequest) -> AsyncIterator[ResponseStore]:
-    store = STORES[request.param]()
-    yield store
-    close = getattr(store, "aclose", None)
-    if close is not None:
-        await close()
+@pytest.fixture(params=STORES)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """The URL of a storage private to the test (conftest isolates PostgreSQL and Redis)."""
+    name: str = request.param
+    if name == "memory":
+        return "memory://"
+    if name == "sqlite":
+        return f"sqlite:///{tmp_path / 'responses.db'}"
+    url: str = request.getfixturevalue("postgres_url" if name == "postgres" else "redis_url")
+    return url
+
+
+@pytest.fixture
+async def response_store(store_url: str, redis_prefix: str) -> AsyncIterator[ResponseStore]:
+    """Every bundled adapter, each made by its storage as the app makes it."""
+    storages = Storages(StorageOptions(redis_prefix=redis_prefix))
+    try:
+        yield storages.response_store(store_url)
+    finally:
+        await storages.aclose()
 
 
 # --- a backend that records what it is sent ---------------------------------------------------------------------
