@@ -494,6 +494,7 @@ SERVE_NAMES = [
     ("--limiter-namespace", "OZWELL_LIMITER_NAMESPACE", "ozwell"),
     ("--key-cache-ttl", "OZWELL_KEY_CACHE_TTL", 5.0),
     ("--on-limiter-error", "OZWELL_ON_LIMITER_ERROR", "closed"),
+    ("--cors-origin", "OZWELL_CORS_ORIGINS", None),
     ("--secret-file", "OZWELL_SECRET_FILE", "./ozwell.secret"),
     ("--limit-concurrency", "OZWELL_LIMIT_CONCURRENCY", 1000),
     ("--timeout-headers", "OZWELL_TIMEOUT_HEADERS", 10.0),
@@ -529,6 +530,12 @@ OTHER_VALUES: dict[str, tuple[str, object, list[str], object]] = {
     "limiter_namespace": ("env-ns", "env-ns", ["--limiter-namespace", "flag-ns"], "flag-ns"),
     "key_cache_ttl": ("0.5", 0.5, ["--key-cache-ttl", "0"], 0.0),
     "on_limiter_error": ("open", "open", ["--on-limiter-error", "closed"], "closed"),
+    "cors_origins": (
+        " https://App.Example.com/ ,*",
+        ("https://app.example.com", "*"),
+        ["--cors-origin", "https://a.example.com:443", "--cors-origin", "http://localhost:5173,https://*.example.org"],
+        ("https://a.example.com", "http://localhost:5173", "https://*.example.org"),
+    ),
     "secret_file": ("/etc/env.secret", "/etc/env.secret", ["--secret-file", "flag.secret"], "flag.secret"),
     "limit_concurrency": ("0", 0, ["--limit-concurrency", "5"], 5),
     "timeout_headers": ("2.5", 2.5, ["--timeout-headers", "1"], 1.0),
@@ -617,6 +624,7 @@ def test_the_app_settings_reach_workers_and_back_without_a_secret(
         limiter_namespace="ns",
         key_cache_ttl=0.25,
         on_limiter_error="open",
+        cors_origins=("https://app.example.com", "https://*.example.org"),
         secret_file=str(tmp_path / "ozwell.secret"),
         secret="a key-hashing secret, never exported",
     )
