@@ -40,7 +40,7 @@ from typing import Any, Literal
 from starlette.datastructures import QueryParams
 from starlette.requests import Request
 
-from ..auth import Grant, at_most
+from ..auth import ENDPOINTS, Grant, at_most
 from ..context import Services
 from ..errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from ..pages import list_body
@@ -190,7 +190,9 @@ async def create_key(services: Services, request: Request) -> JSONResponse:
 
 
 def _sorted(endpoints: frozenset[str] | None) -> list[str] | None:
-    return None if endpoints is None else sorted(endpoints)
+    """A restricted creator's endpoints as a key's default: those a key can hold (never ``api-keys``: a scoped key
+    holds no admin scope)."""
+    return None if endpoints is None else sorted(endpoints & frozenset(ENDPOINTS))
 
 
 async def list_keys(services: Services, request: Request) -> JSONResponse:
