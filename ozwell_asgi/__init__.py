@@ -23,6 +23,7 @@ from .errors import (
     RateLimitError,
     ServiceUnavailableError,
 )
+from .hostauth import HostAuthenticator, user_principal
 from .protocols import ChatBackend, CompletesChat, EmbeddingBackend, KeyStore, ModelCatalog, RateLimiter
 from .ratelimit import DEFAULT_PLANS, LimitsRateLimiter, Plan
 from .tokens import BPETokenizer, Tokenizer
@@ -63,6 +64,7 @@ __all__ = [
     "EmbeddingBackend",
     "EmbeddingResult",
     "GatewayTimeoutError",
+    "HostAuthenticator",
     "InternalServerError",
     "InvalidRequestError",
     "KeyHasher",
@@ -92,4 +94,5 @@ __all__ = [
     "Usage",
     "UsageEvent",
     "function_backend",
+    "user_principal",
 ]

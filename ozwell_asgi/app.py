@@ -29,7 +29,9 @@ from .backends import capabilities
 from .backends.echo import EchoBackend
 from .background import BackgroundRuns
 from .context import Services, Settings
+from .cors import DEFAULT_MAX_AGE, CORSPolicy
 from .errors import MethodNotAllowedError, NotFoundError, OzwellError, internal_error
+from .hostauth import HostAuth, HostAuthenticator
 from .meter import UsageSink
 from .protocols import ChatBackend, EmbeddingBackend, FileStore, KeyStore, RateLimiter, ResponseStore
 from .ratelimit import DEFAULT_PLANS, LimitsRateLimiter, Plan
@@ -171,6 +173,12 @@ class OzwellAPI:
     URL); by default ``memory://`` (this process's memory, the 10,000 most recently used). ``None``: no
     ``/responses`` routes (they are served only with a backend that chats). Background responses run in this
     process and are cancelled by :meth:`aclose`.
+
+    ``authenticators`` are the host's own (docs/authentication.md): callables ``(request) -> Principal | None``
+    (or awaitables of one), tried in order before the API key, so a user signed in to the host needs no key.
+    ``cors_origins`` are the browser origins that may call the API (exact, ``https://*.example.com``, or ``*``):
+    preflights are answered for them alone and every answer to them carries CORS headers; ``cors_max_age`` is how
+    long a browser may cache a preflight (seconds).
     """
 
     def __init__(
@@ -188,6 +196,9 @@ class OzwellAPI:
         tokenizer: Tokenizer | None = None,
         on_usage: UsageSink | None = None,
         response_store: ResponseStore | str | None = "memory://",
+        authenticators: Iterable[HostAuthenticator] = (),
+        cors_origins: Iterable[str] | str = (),
+        cors_max_age: int = DEFAULT_MAX_AGE,
     ) -> None:
         if on_limiter_error not in ("closed", "open"):
             raise ValueError("on_limiter_error must be 'closed' or 'open'")
@@ -226,7 +237,10 @@ class OzwellAPI:
             plans,
             max_model_patterns=settings.max_model_patterns,
             max_model_pattern_length=settings.max_model_pattern_length,
+            max_key_origins=settings.max_key_origins,
         )
+        self.cors = CORSPolicy(cors_origins, max_age=cors_max_age)
+        host = HostAuth(authenticators, self.cors.trusted)
         self.rate_limiter = rate_limiter
         self.services = Services(
             backend=served.catalog,
@@ -242,6 +256,7 @@ class OzwellAPI:
             files=file_store,
             on_usage=on_usage,
             responses=response_store,
+            host=host if host.authenticators else None,
         )
         if response_store is not None and served.chat is not None:
             # Background runs are cancelled (their meters settled) before the stores close: _owned closes in reverse.
@@ -320,6 +335,8 @@ class OzwellAPI:
         request_id = _request_id(headers)
         scope["ozwell.request_id"] = request_id
         response_started = False
+        origin = headers.get(b"origin")
+        cors = self.cors.headers_for(origin) if origin is not None else ()
 
         async def send_with_ids(message: Any) -> None:
             nonlocal response_started
@@ -330,10 +347,14 @@ class OzwellAPI:
                     *message["headers"],
                     (b"x-request-id", request_id),
                     (b"openai-processing-ms", elapsed),
+                    *cors,
                 ]  # a new list: the response may reuse its own
             await send(message)
 
         try:
+            if origin is not None and scope["method"] == "OPTIONS" and b"access-control-request-method" in headers:
+                await self.cors.preflight(origin, headers, send_with_ids)
+                return
             path: str = scope["path"]
             root = scope.get("root_path", "")
             if root and path.startswith(root):

@@ -1,6 +1,7 @@
 """API keys: their format, keyed hashing, issuing and rotating them, and turning a bearer header into a Principal.
 
-A key is ``ozw_`` followed by 43 url-safe random characters (32 random bytes). Only
+A key is ``ozw_`` followed by 43 url-safe random characters (32 random bytes); a scoped key (one restricted to
+browser origins or endpoints, :attr:`~ozwell_asgi.types.APIKey.scoped`) is ``ozw_scoped_`` and the same. Only
 ``HMAC-SHA256(server_secret, key)`` is stored, so a leaked database does not leak usable keys, and the lookup is
 by that digest (the final comparison is constant-time as well). The server secret is given to
 :class:`KeyHasher`; ``ozwell-asgi serve`` reads it from ``OZWELL_SECRET`` or a secret file (docs/keys.md).
@@ -21,27 +22,45 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from .errors import AuthenticationError, InvalidRequestError, PermissionDeniedError
+from .origins import OriginSet, normalize_origin, origins_within
 from .protocols import KeyStore
 from .ratelimit import DEFAULT_PLANS, Plan, quota_for
 from .types import DEFAULT_SCOPES, SCOPE_ADMIN, SCOPE_ADMIN_GLOBAL, SCOPE_API, APIKey, Page, PageQuery, Principal, Quota
 
 __all__ = [
+    "ENDPOINTS",
     "Authenticator",
     "Grant",
     "KeyHasher",
     "KeyManager",
     "ModelPatterns",
     "at_most",
+    "endpoint_of",
     "exceeds",
     "generate_key",
     "model_allowed",
     "models_within",
+    "require_reach",
 ]
 
 KEY_PREFIX = "ozw_"
+SCOPED_KEY_PREFIX = "ozw_scoped_"
+#: The endpoint groups a scoped key may be limited to (its ``endpoints``).
+ENDPOINTS = ("chat.completions", "responses", "embeddings", "files", "models")
+# The endpoint group of a path under the app, by its first segment; any other segment is its own group, which no
+# key can list (so a principal restricted to endpoints reaches no route added later unless it says so).
+_ENDPOINT_OF_SEGMENT = {
+    "chat": "chat.completions",
+    "responses": "responses",
+    "conversations": "responses",
+    "embeddings": "embeddings",
+    "files": "files",
+    "models": "models",
+}
+#: Default cap on a key's ``origins`` (``Settings.max_key_origins``).
+DEFAULT_MAX_KEY_ORIGINS = 64
 KNOWN_SCOPES = frozenset({SCOPE_API, SCOPE_ADMIN, SCOPE_ADMIN_GLOBAL})
 _KEY_RE = re.compile(r"ozw_[A-Za-z0-9_\-]{32,256}")
-_HINT_LEN = 8
 _LIST_SCAN_BATCH = 100  # keys read per store page when a listing skips keys its caller may not see
 
 #: Default caps on a key's ``models`` (``Settings.max_model_patterns`` / ``Settings.max_model_pattern_length``).
@@ -59,9 +78,16 @@ IMPLIED_SCOPES: Mapping[str, frozenset[str]] = {
 }
 
 
-def generate_key() -> str:
-    """A new secret: ``ozw_`` + 43 url-safe characters carrying 256 bits from :mod:`secrets`."""
-    return KEY_PREFIX + secrets.token_urlsafe(32)
+def generate_key(*, scoped: bool = False) -> str:
+    """A new secret: ``ozw_`` (``ozw_scoped_`` for a scoped key) + 43 url-safe characters carrying 256 bits from
+    :mod:`secrets`."""
+    return (SCOPED_KEY_PREFIX if scoped else KEY_PREFIX) + secrets.token_urlsafe(32)
+
+
+def _hint(secret: str) -> str:
+    """What listings show of a secret: its prefix and 4 more characters (``ozw_AbCd``, ``ozw_scoped_AbCd``)."""
+    prefix = SCOPED_KEY_PREFIX if secret.startswith(SCOPED_KEY_PREFIX) else KEY_PREFIX
+    return secret[: len(prefix) + 4]
 
 
 def looks_like_key(candidate: str) -> bool:
@@ -162,17 +188,33 @@ def models_within(requested: tuple[str, ...] | None, held: tuple[str, ...] | Non
 @dataclass(frozen=True, slots=True)
 class Grant:
     """What a key may do: its scopes, models (``None``: every model), effective requests and tokens per minute
-    (``None``: unlimited, the largest) and expiry (epoch seconds; ``None``: never, the latest)."""
+    (``None``: unlimited, the largest), expiry (epoch seconds; ``None``: never, the latest), browser origins
+    (``None``: no origin restriction, the largest) and endpoint groups (``None``: every endpoint, the largest).
+
+    A plain key (no ``origins``, no ``endpoints``) holds every endpoint from anywhere, so it may grant any origins
+    and endpoints; a grant restricted in either can only grant within that restriction.
+    """
 
     scopes: frozenset[str]
     models: tuple[str, ...] | None
     rpm: int | None
     tpm: int | None
     expires_at: int | None
+    origins: tuple[str, ...] | None = None
+    endpoints: frozenset[str] | None = None
 
     @classmethod
     def of_principal(cls, principal: Principal) -> Grant:
-        return cls(principal.scopes, principal.models, principal.quota.rpm, principal.quota.tpm, principal.expires_at)
+        quota = principal.quota
+        return cls(
+            principal.scopes,
+            principal.models,
+            quota.rpm,
+            quota.tpm,
+            principal.expires_at,
+            principal.origins,
+            principal.endpoints,
+        )
 
     @classmethod
     def of_key(cls, key: APIKey, plans: Mapping[str, Plan] = DEFAULT_PLANS) -> Grant:
@@ -181,7 +223,8 @@ class Grant:
             quota = quota_for(key.plan, key.rpm, key.tpm, plans)
         except ValueError:
             quota = Quota(rpm=None, tpm=None)
-        return cls(frozenset(key.scopes), key.models, quota.rpm, quota.tpm, key.expires_at)
+        endpoints = None if key.endpoints is None else frozenset(key.endpoints)
+        return cls(frozenset(key.scopes), key.models, quota.rpm, quota.tpm, key.expires_at, key.origins, endpoints)
 
 
 def at_most(value: int | None, bound: int | None) -> bool:
@@ -201,13 +244,20 @@ def exceeds(grant: Grant, holder: Grant) -> str | None:
     """The first dimension in which ``grant`` reaches beyond ``holder``, or ``None`` if it lies within it.
 
     One of ``"scopes"`` (a scope the holder neither has nor implies), ``"models"`` (see :func:`models_within`),
-    ``"rpm"``, ``"tpm"`` (a larger effective limit) or ``"expires_at"`` (a later expiry). The one rule behind which
-    keys an admin key sees and manages and what a key it creates may get.
+    ``"endpoints"`` (an endpoint group the holder is not limited to, or every one from a limited holder),
+    ``"origins"`` (an origin no holder origin covers, or no restriction from a restricted holder; see
+    :func:`~ozwell_asgi.origins.origins_within`), ``"rpm"``, ``"tpm"`` (a larger effective limit) or
+    ``"expires_at"`` (a later expiry). The one rule behind which keys an admin key sees and manages and what a key
+    it creates may get.
     """
     if not grant.scopes <= grantable_scopes(holder.scopes):
         return "scopes"
     if not models_within(grant.models, holder.models):
         return "models"
+    if holder.endpoints is not None and (grant.endpoints is None or not grant.endpoints <= holder.endpoints):
+        return "endpoints"
+    if not origins_within(grant.origins, holder.origins):
+        return "origins"
     if not at_most(grant.rpm, holder.rpm):
         return "rpm"
     if not at_most(grant.tpm, holder.tpm):
@@ -260,6 +310,8 @@ class Authenticator:
             models=None if key.models is None else ModelPatterns(key.models),
             scopes=frozenset(key.scopes),
             expires_at=key.expires_at,
+            origins=None if key.origins is None else OriginSet(key.origins),
+            endpoints=None if key.endpoints is None else frozenset(key.endpoints),
         )
         self._principals[key.id] = (key, principal)
         return principal
@@ -298,6 +350,46 @@ def require_scope(principal: Principal, scope: str, *alternatives: str) -> None:
         raise PermissionDeniedError(f"This API key does not have the '{scope}' scope this endpoint requires.")
 
 
+def endpoint_of(path: str) -> str:
+    """The endpoint group of ``path`` (relative to the app: ``/chat/completions`` → ``chat.completions``,
+    ``/files/f1/content`` → ``files``); a path of no known group is its own first segment."""
+    segment = path.lstrip("/").partition("/")[0]
+    return _ENDPOINT_OF_SEGMENT.get(segment, segment)
+
+
+def _shown_origin(origin: str) -> str:
+    shown = origin[:100]
+    if not shown.isprintable():
+        shown = shown.encode("unicode_escape").decode()
+    return shown if len(origin) <= 100 else shown + "..."
+
+
+def require_reach(principal: Principal, origin: str | None, path: str) -> None:
+    """403 ``insufficient_permissions`` (``param`` null) unless a restricted principal may call ``path`` from
+    ``origin`` (the request's ``Origin`` header).
+
+    With ``origins``, the request must come from a browser page of one of them: an ``Origin`` header that none
+    allows, or none at all, is refused. With ``endpoints``, the path's group (:func:`endpoint_of`) must be one.
+    Call it only for a principal with either restriction (plain keys skip it).
+    """
+    origins = principal.origins
+    if origins is not None:
+        if origin is None:
+            raise PermissionDeniedError(
+                "This API key may only be used from the browser origins it allows, and the request has no Origin "
+                "header."
+            )
+        allowed = origins.allows(origin) if isinstance(origins, OriginSet) else OriginSet(origins).allows(origin)
+        if not allowed:
+            raise PermissionDeniedError(f"This API key may not be used from the origin '{_shown_origin(origin)}'.")
+    endpoints = principal.endpoints
+    if endpoints is not None:
+        endpoint = endpoint_of(path)
+        if endpoint not in endpoints:
+            shown = endpoint if len(endpoint) <= 100 else endpoint[:100] + "..."
+            raise PermissionDeniedError(f"This API key may not call the '{shown}' endpoints.")
+
+
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 #: The longest duration text accepted (far beyond 100 years in any unit), so no huge number is ever parsed.
 MAX_DURATION_CHARS = 32
@@ -330,6 +422,25 @@ def parse_duration(text: str) -> int:
     return seconds
 
 
+def _endpoints(endpoints: Iterable[str] | None) -> tuple[str, ...] | None:
+    if endpoints is None:
+        return None
+    cap = 4 * len(ENDPOINTS)  # a bound on what is read: no more names than that can be meant
+    given = list(itertools.islice(endpoints, cap + 1))
+    if len(given) > cap:
+        raise InvalidRequestError(f"'endpoints' may list at most {cap} names.", param="endpoints")
+    unknown = [e for e in given if e not in ENDPOINTS]
+    if unknown:
+        raise InvalidRequestError(
+            f"Unknown endpoint {unknown[0][:100]!r}; expected some of: {', '.join(ENDPOINTS)}.", param="endpoints"
+        )
+    if not given:
+        raise InvalidRequestError(
+            "'endpoints' must list at least one endpoint; leave it out for every endpoint.", param="endpoints"
+        )
+    return tuple(dict.fromkeys(given))
+
+
 def _check_text(value: str, param: str) -> None:
     if not value or len(value) > 200:
         raise InvalidRequestError(f"'{param}' must be 1 to 200 characters.", param=param)
@@ -342,7 +453,7 @@ class KeyManager:
 
     Secrets are returned once, by :meth:`create` and :meth:`rotate`, and never stored. A key's ``models`` are
     bounded when it is made: at most ``max_model_patterns`` patterns of at most ``max_model_pattern_length``
-    characters each (400 ``param: "models"`` otherwise).
+    characters each (400 ``param: "models"`` otherwise); its ``origins`` at most ``max_key_origins``.
     """
 
     def __init__(
@@ -353,15 +464,17 @@ class KeyManager:
         *,
         max_model_patterns: int = DEFAULT_MAX_MODEL_PATTERNS,
         max_model_pattern_length: int = DEFAULT_MAX_MODEL_PATTERN_LENGTH,
+        max_key_origins: int = DEFAULT_MAX_KEY_ORIGINS,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        if max_model_patterns < 1 or max_model_pattern_length < 1:
-            raise ValueError("max_model_patterns and max_model_pattern_length must be >= 1")
+        if max_model_patterns < 1 or max_model_pattern_length < 1 or max_key_origins < 1:
+            raise ValueError("max_model_patterns, max_model_pattern_length and max_key_origins must be >= 1")
         self.store = store
         self.hasher = hasher
         self.plans = plans
         self.max_model_patterns = max_model_patterns
         self.max_model_pattern_length = max_model_pattern_length
+        self.max_key_origins = max_key_origins
         self.clock = clock
 
     async def create(
@@ -377,8 +490,14 @@ class KeyManager:
         expires_in: int | None = None,
         expires_at: int | None = None,
         within: Grant | None = None,
+        origins: Iterable[str] | None = None,
+        endpoints: Iterable[str] | None = None,
     ) -> tuple[APIKey, str]:
         """A new key and its secret; 400 (``InvalidRequestError`` with ``param``) for a bad value.
+
+        ``origins`` (browser origins or ``https://*.domain`` wildcards, normalised) and ``endpoints`` (names from
+        :data:`ENDPOINTS`) make a scoped key, whose secret starts ``ozw_scoped_``: each, when given, must list at
+        least one entry, and a scoped key holds no scope but ``api`` (scoped keys are for browsers).
 
         The key expires ``expires_in`` seconds from now, or at the epoch second ``expires_at`` (give at most one),
         or never. ``created_at`` is the current second rounded up and ``expires_at = created_at + expires_in``, so
@@ -408,8 +527,16 @@ class KeyManager:
                 f"Unknown scope {unknown[0]!r}; expected some of: {', '.join(sorted(KNOWN_SCOPES))}.", param="scopes"
             )
         model_tuple = self._model_patterns(models)
+        origin_tuple = self._origins(origins)
+        endpoint_tuple = _endpoints(endpoints)
+        if (origin_tuple is not None or endpoint_tuple is not None) and any(s != SCOPE_API for s in scope_tuple):
+            raise InvalidRequestError(
+                "A scoped key (one with 'origins' or 'endpoints') is for browsers and holds no scope but "
+                f"'{SCOPE_API}'.",
+                param="scopes",
+            )
         now = math.ceil(self.clock())
-        secret = generate_key()
+        secret = generate_key(scoped=origin_tuple is not None or endpoint_tuple is not None)
         key = APIKey(
             id="key_" + uuid.uuid4().hex[:24],
             key_hash=self.hasher.hash(secret),
@@ -422,7 +549,9 @@ class KeyManager:
             scopes=scope_tuple,
             created_at=now,
             expires_at=now + expires_in if expires_in is not None else expires_at,
-            hint=secret[:_HINT_LEN],
+            hint=_hint(secret),
+            origins=origin_tuple,
+            endpoints=endpoint_tuple,
         )
         if within is not None:
             self._refuse_beyond(key, within)
@@ -442,6 +571,22 @@ class KeyManager:
             )
         return tuple(dict.fromkeys(p for p in patterns if p))
 
+    def _origins(self, origins: Iterable[str] | None) -> tuple[str, ...] | None:
+        if origins is None:
+            return None
+        cap = self.max_key_origins
+        given = list(itertools.islice(origins, cap + 1))
+        if len(given) > cap:
+            raise InvalidRequestError(f"'origins' may list at most {cap} origins.", param="origins")
+        if not given:
+            raise InvalidRequestError(
+                "'origins' must list at least one origin; leave it out for a key usable from anywhere.", param="origins"
+            )
+        try:
+            return tuple(dict.fromkeys(normalize_origin(o) for o in given))
+        except ValueError as exc:
+            raise InvalidRequestError(f"Invalid entry in 'origins': {exc}.", param="origins") from None
+
     def _refuse_beyond(self, key: APIKey, holder: Grant) -> None:
         """403 naming the field in which ``key`` reaches beyond ``holder``; nothing if it lies within."""
         dimension = exceeds(Grant.of_key(key, self.plans), holder)
@@ -459,6 +604,16 @@ class KeyManager:
                 pattern = next(p for p in key.models if not held.covers(p))
                 message = f"This API key cannot grant the model '{pattern}', which its own models do not cover."
             raise PermissionDeniedError(message, param="models")
+        if dimension == "endpoints":
+            listed = ", ".join(sorted(holder.endpoints or ()))
+            message = f"This API key may only grant the endpoints it holds itself ({listed}); list them in 'endpoints'."
+            raise PermissionDeniedError(message, param="endpoints")
+        if dimension == "origins":
+            listed = ", ".join(holder.origins or ())
+            message = (
+                f"This API key may only grant the origins it is limited to itself ({listed}); list them in 'origins'."
+            )
+            raise PermissionDeniedError(message, param="origins")
         if dimension in ("rpm", "tpm"):
             unit = "requests" if dimension == "rpm" else "tokens"
             own = holder.rpm if dimension == "rpm" else holder.tpm
@@ -532,6 +687,10 @@ class KeyManager:
         return await self.store.revoke(key_id, int(self.clock()))
 
     async def rotate(self, key_id: str) -> tuple[APIKey, str] | None:
-        secret = generate_key()
-        key = await self.store.rotate(key_id, self.hasher.hash(secret), secret[:_HINT_LEN])
+        """A new secret for the key (``ozw_scoped_…`` again for a scoped key); ``None`` if unknown or revoked."""
+        current = await self.store.get(key_id)
+        if current is None or current.revoked_at is not None:
+            return None
+        secret = generate_key(scoped=current.scoped)
+        key = await self.store.rotate(key_id, self.hasher.hash(secret), _hint(secret))
         return None if key is None else (key, secret)

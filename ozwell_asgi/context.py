@@ -9,10 +9,11 @@ from typing import Literal
 
 from starlette.requests import Request
 
-from .auth import Authenticator, KeyManager, model_allowed, require_scope
+from .auth import Authenticator, KeyManager, model_allowed, require_reach, require_scope
 from .background import BackgroundRuns
 from .bodies import header, read_json_body
 from .errors import NotFoundError, PermissionDeniedError
+from .hostauth import HostAuth
 from .meter import Meter, UsageSink
 from .protocols import (
     ChatBackend,
@@ -54,6 +55,7 @@ class Settings:
     admitted request does not stall every other client on the event loop.
     ``max_model_patterns``: most model ids or globs a key's ``models`` may list (256), checked when a key is made.
     ``max_model_pattern_length``: longest model id or glob in a key's ``models``, in characters (256).
+    ``max_key_origins``: most browser origins a scoped key's ``origins`` may list (64), checked when a key is made.
     ``max_file_size``: largest file ``POST /files`` accepts (bytes; 512 MiB, OpenAI's), else 413 as soon as the
     upload passes it (a larger ``Content-Length`` is refused before reading).
     ``max_input_items``: input items (or Ozwell's ``messages``) in one ``POST /responses``, else 400 (``param``
@@ -76,6 +78,7 @@ class Settings:
     stream_keepalive: float = 15.0
     max_model_patterns: int = 256
     max_model_pattern_length: int = 256
+    max_key_origins: int = 64
     max_file_size: int = 512 * 1024 * 1024
     max_input_items: int = 2048
     max_background_responses: int = 64
@@ -91,6 +94,7 @@ class Settings:
             "max_choices",
             "max_model_patterns",
             "max_model_pattern_length",
+            "max_key_origins",
             "max_file_size",
             "max_input_items",
             "max_background_responses",
@@ -125,11 +129,26 @@ class Services:
     responses: ResponseStore | None = None  # stored responses of /responses; None: the app serves no /responses
     sources: SourceFinder | None = None  # include_sources on /responses; None: a 400 that says why
     background: BackgroundRuns | None = None  # background /responses runs of this process (with a response store)
+    host: HostAuth | None = None  # the host's authenticators, tried before the API key; None: keys alone
 
     async def authenticate(self, request: Request, scope: str, *alternatives: str) -> Principal:
-        """The caller, who must hold ``scope`` (or one of ``alternatives``); raises 401/403 in the envelope."""
-        principal = await self.authenticator.authenticate(header(request, b"authorization"))
+        """The caller, who must hold ``scope`` (or one of ``alternatives``); raises 401/403 in the envelope.
+
+        The host's authenticators are asked first, then the API key. A principal restricted to origins or
+        endpoints (a scoped key) must also be called from one of its origins and on one of its endpoints (403).
+        """
+        principal = None
+        if self.host is not None:
+            principal = await self.host.authenticate(request)
+        if principal is None:
+            principal = await self.authenticator.authenticate(header(request, b"authorization"))
         require_scope(principal, scope, *alternatives)
+        if principal.origins is not None or principal.endpoints is not None:
+            path: str = request.scope["path"]
+            root: str = request.scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root) :]
+            require_reach(principal, header(request, b"origin"), path)
         return principal
 
     @staticmethod

@@ -58,6 +58,11 @@ class APIKey:
 
     ``models`` is ``None`` for "every model"; otherwise exact model ids or ``fnmatch`` patterns.
     ``rpm``/``tpm`` override the plan's limits when set. Times are epoch seconds.
+
+    ``origins`` and ``endpoints`` make a *scoped* key (secret ``ozw_scoped_…``, meant for browsers): ``origins``
+    the canonical browser origins it may be used from (``None``: any, with or without an ``Origin`` header),
+    ``endpoints`` the endpoint groups it may call (``"chat.completions"``, ``"responses"``, ``"embeddings"``,
+    ``"files"``, ``"models"``; ``None``: every one). See docs/keys.md.
     """
 
     id: str
@@ -74,6 +79,13 @@ class APIKey:
     revoked_at: int | None = None
     # First characters of the secret ("ozw_AbCd"), shown in listings so people can tell keys apart.
     hint: str = ""
+    origins: tuple[str, ...] | None = None
+    endpoints: tuple[str, ...] | None = None
+
+    @property
+    def scoped(self) -> bool:
+        """Whether this is a scoped key (it restricts origins or endpoints; its secret starts ``ozw_scoped_``)."""
+        return self.origins is not None or self.endpoints is not None
 
     def is_active(self, now: float) -> bool:
         return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
@@ -97,10 +109,13 @@ class Quota:
 
 @dataclass(frozen=True, slots=True)
 class Principal:
-    """Who is calling: resolved from an API key (or, later, by the host's own auth).
+    """Who is calling: resolved from an API key, or by one of the host's authenticators (docs/authentication.md).
 
     ``models`` is ``None`` for "every model"; from :class:`~ozwell_asgi.auth.Authenticator` it is a compiled
     :class:`~ozwell_asgi.auth.ModelPatterns`, so matching a model costs a set lookup and at most one regex match.
+    ``origins`` (canonical origins, compiled to an :class:`~ozwell_asgi.origins.OriginSet` by the authenticator)
+    and ``endpoints`` restrict where from and what the caller may call; ``None``: no restriction. ``key_id`` is the
+    subject of the rate limits (a host user's is ``user:<owner>`` unless the host says otherwise).
     """
 
     key_id: str
@@ -110,6 +125,8 @@ class Principal:
     models: tuple[str, ...] | None = None
     scopes: frozenset[str] = frozenset(DEFAULT_SCOPES)
     expires_at: int | None = None  # the key's expiry (epoch seconds); None: never
+    origins: tuple[str, ...] | None = None
+    endpoints: frozenset[str] | None = None
 
     def has_scope(self, scope: str) -> bool:
         return scope in self.scopes

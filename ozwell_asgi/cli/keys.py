@@ -9,7 +9,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..auth import KeyHasher, KeyManager, parse_duration
+from ..auth import ENDPOINTS, KeyHasher, KeyManager, parse_duration
 from ..protocols import KeyStore
 from ..ratelimit import DEFAULT_PLANS, quota_for
 from ..types import DEFAULT_SCOPES, APIKey
@@ -53,6 +53,8 @@ def _key_record(key: APIKey, now: float) -> dict[str, Any]:
         "tpm": tpm,
         "models": None if key.models is None else list(key.models),
         "scopes": list(key.scopes),
+        "origins": None if key.origins is None else list(key.origins),
+        "endpoints": None if key.endpoints is None else list(key.endpoints),
         "created_at": key.created_at,
         "expires_at": key.expires_at,
         "revoked_at": key.revoked_at,
@@ -75,6 +77,8 @@ def _summary(key: APIKey) -> list[str]:
         f"  limits:  {_limit_text(rpm)} requests/min, {_limit_text(tpm)} tokens/min",
         f"  models:  {'all' if key.models is None else ', '.join(key.models) or 'none'}",
         f"  scopes:  {', '.join(key.scopes)}",
+        *([f"  origins: {', '.join(key.origins)}"] if key.origins is not None else []),
+        *([f"  endpoints: {', '.join(key.endpoints)}"] if key.endpoints is not None else []),
         f"  expires: {_when(key.expires_at)}",
     ]
 
@@ -120,6 +124,8 @@ def cmd_keys_create(args: argparse.Namespace) -> int:
         "models": models,
         "scopes": scopes,
         "expires_in": expires_in,
+        "origins": _csv(args.origins, "--origins"),
+        "endpoints": _csv(args.endpoints, "--endpoints"),
     }
     url = _store_url(args)
     open_store(url)
@@ -233,6 +239,17 @@ def add_keys_command(commands: Any) -> None:
     create.add_argument("--models", metavar="A,B", help="models the key may use (ids or globs; default: all)")
     create.add_argument("--scopes", metavar="S,T", help="scopes: api, admin, admin:global (default: api)")
     create.add_argument("--expires-in", metavar="DURATION", help="lifetime, e.g. 3600, 90m, 12h, 30d, 1w")
+    create.add_argument(
+        "--origins",
+        metavar="O,P",
+        help="a scoped key (ozw_scoped_...) usable only from these browser origins, e.g. https://app.example.com, "
+        "https://*.example.com",
+    )
+    create.add_argument(
+        "--endpoints",
+        metavar="E,F",
+        help=f"a scoped key (ozw_scoped_...) limited to these endpoints: {', '.join(ENDPOINTS)}",
+    )
     add_flag(create, STORE)
     add_flag(create, SECRET_FILE)
     create.set_defaults(handler=cmd_keys_create)

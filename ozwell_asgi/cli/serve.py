@@ -137,6 +137,7 @@ def build_app(config: ServeConfig, backend: object = None) -> PrefixedApp:
         rate_limiter=limiter,
         secret=config.secret,
         key_cache_ttl=config.key_cache_ttl,
+        cors_origins=config.cors_origins or (),
     )
     return _ServedApp(api, limiter, backend, storages)
 

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
+from ..origins import normalize_origin
 from .errors import usage_error
 
 __all__ = [
@@ -189,6 +190,30 @@ class Switch:
         return "1" if value else "0"
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Origins:
+    """Browser origins (``scheme://host[:port]``, ``https://*.domain`` or ``*``), comma-separated; canonicalised."""
+
+    rule: str = "browser origins such as https://app.example.com, https://*.example.com or *, comma-separated"
+
+    def parse(self, text: str) -> tuple[str, ...]:
+        items = [item.strip() for item in text.split(",") if item.strip()]
+        if not items:
+            raise ValueError(text)
+        return tuple(dict.fromkeys(normalize_origin(item, allow_any=True) for item in items))
+
+    def holds(self, value: object) -> bool:
+        if not isinstance(value, tuple) or not value:
+            return False
+        try:
+            return all(isinstance(v, str) and normalize_origin(v, allow_any=True) == v for v in value)
+        except ValueError:
+            return False
+
+    def format(self, value: Any) -> str:
+        return ",".join(value)
+
+
 TEXT = Text()
 SWITCH = Switch()
 
@@ -200,7 +225,8 @@ SWITCH = Switch()
 class Setting:
     """One row of the table. ``name`` and ``flag`` (``--`` and the name, dashed, unless given) are filled in from
     the field. A ``secret`` is never shown, in help or errors, and may also come from the file named by the
-    variable ``<env>_FILE``; workers get it only that way."""
+    variable ``<env>_FILE``; workers get it only that way. A ``repeat`` flag may be given several times, its values
+    joined with commas (its variable holds them comma-separated)."""
 
     env: str
     default: Any
@@ -210,6 +236,7 @@ class Setting:
     metavar: str | None = None
     secret: bool = False
     name: str = ""
+    repeat: bool = False
 
     @property
     def file_env(self) -> str:
@@ -235,9 +262,10 @@ def setting(
     flag: str = "",
     metavar: str | None = None,
     secret: bool = False,
+    repeat: bool = False,
 ) -> Any:
     """A dataclass field that is a row of the table (typed ``Any`` so that it fits the field's annotation)."""
-    item = Setting(env_name, default, kind, help, flag=flag, metavar=metavar, secret=secret)
+    item = Setting(env_name, default, kind, help, flag=flag, metavar=metavar, secret=secret, repeat=repeat)
     return dataclasses.field(default=default, repr=not secret, metadata={"setting": item})
 
 
@@ -278,6 +306,9 @@ def add_flag(parser: argparse.ArgumentParser, item: Setting) -> None:
     metavar = item.metavar
     if metavar is None and isinstance(item.kind, Choice):
         metavar = "{" + ",".join(item.kind.options) + "}"
+    if item.repeat:
+        parser.add_argument(item.flag, dest=item.name, metavar=metavar, default=None, action="append", help=text)
+        return
     parser.add_argument(item.flag, dest=item.name, metavar=metavar, default=None, help=text)
 
 
@@ -316,6 +347,8 @@ def resolve_one(item: Setting, given: object = None) -> Any:
     """``item``'s value: the flag's (``given``), else the variable's, else (a secret) the file's that ``<env>_FILE``
     names, else the default. Exit status 2 (a :class:`~.errors.CLIError`) naming where a bad value came from."""
     if given is not None:
+        if isinstance(given, list):  # a repeated flag
+            given = ",".join(given)
         return given if isinstance(given, bool) else _parse(item, str(given), item.flag)
     text = env(item.env)
     if text is not None:
@@ -423,6 +456,16 @@ class ServeConfig:
         "closed",
         Choice(("closed", "open")),
         "when the limiter's storage is down: refuse requests (closed) or admit them (open)",
+    )
+    cors_origins: tuple[str, ...] | None = setting(
+        "OZWELL_CORS_ORIGINS",
+        None,
+        Origins(),
+        "a browser origin that may call the API (CORS), e.g. https://app.example.com, https://*.example.com or *; "
+        "repeat the flag for more (the variable: comma-separated)",
+        flag="--cors-origin",
+        metavar="ORIGIN",
+        repeat=True,
     )
     secret_file: str = setting(
         "OZWELL_SECRET_FILE",

@@ -16,8 +16,10 @@ manages only keys of its owner (of every owner with ``admin:global``) whose scop
 expiry lie within its own; any other key answers 404 ``api_key_not_found`` exactly like an unknown id and is not
 listed. A key it creates gets at most what it holds (403 ``insufficient_permissions`` naming the field), where
 ``admin:global`` implies ``admin`` and ``admin`` implies ``api``. Fields the request leaves out default to the
-creator's bounds: ``models`` to its models, ``expires_in`` to its expiry, and the default plan's limits are capped
-at its own. ``owner`` defaults to the caller's; another owner needs ``admin:global`` (403).
+creator's bounds: ``models`` to its models, ``origins`` and ``endpoints`` to its own (none for a plain key),
+``expires_in`` to its expiry, and the default plan's limits are capped at its own. ``origins`` or ``endpoints``
+make a scoped key (secret ``ozw_scoped_…``, scope ``api`` only; docs/keys.md). ``owner`` defaults to the
+caller's; another owner needs ``admin:global`` (403).
 
 Revoking is idempotent: revoking a revoked key answers the deletion object again (the key stays listed, with
 ``status: "revoked"``). Rotating a revoked key is refused with 400 ``api_key_revoked`` (it has no secret to
@@ -38,7 +40,7 @@ from typing import Any, Literal
 from starlette.datastructures import QueryParams
 from starlette.requests import Request
 
-from ..auth import Grant, at_most
+from ..auth import ENDPOINTS, Grant, at_most
 from ..context import Services
 from ..errors import InvalidRequestError, NotFoundError, PermissionDeniedError
 from ..pages import list_body
@@ -109,6 +111,8 @@ def key_object(key: APIKey, secret: str | None = None) -> dict[str, Any]:
         "tpm": key.tpm,
         "models": None if key.models is None else list(key.models),
         "scopes": list(key.scopes),
+        "origins": None if key.origins is None else list(key.origins),
+        "endpoints": None if key.endpoints is None else list(key.endpoints),
         "created_at": key.created_at,
         "expires_at": key.expires_at,
         "revoked_at": key.revoked_at,
@@ -179,8 +183,16 @@ async def create_key(services: Services, request: Request) -> JSONResponse:
         expires_in=expires_in,
         expires_at=holder.expires_at if "expires_in" not in given else None,
         within=holder,
+        origins=body.origins if "origins" in given else holder.origins,
+        endpoints=body.endpoints if "endpoints" in given else _sorted(holder.endpoints),
     )
     return JSONResponse(key_object(key, secret), status=201, headers=headers)
+
+
+def _sorted(endpoints: frozenset[str] | None) -> list[str] | None:
+    """A restricted creator's endpoints as a key's default: those a key can hold (never ``api-keys``: a scoped key
+    holds no admin scope)."""
+    return None if endpoints is None else sorted(endpoints & frozenset(ENDPOINTS))
 
 
 async def list_keys(services: Services, request: Request) -> JSONResponse:

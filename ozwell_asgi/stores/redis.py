@@ -2,7 +2,8 @@
 
 Layout of the key store, under a configurable prefix (default ``"ozwell:"``):
 
-- ``{prefix}key:{id}``: a hash of the key's fields (a ``None`` field is absent; ``models``/``scopes`` are JSON);
+- ``{prefix}key:{id}``: a hash of the key's fields (a ``None`` field is absent; ``models``/``scopes``/``origins``/
+  ``endpoints`` are JSON);
 - ``{prefix}keyhash:{key_hash}``: a string, the id of the key whose current hash it is;
 - ``{prefix}keys`` and ``{prefix}owner:{owner}``: sorted sets of ids scored by ``created_at``.
 
@@ -172,8 +173,9 @@ def _fields(key: APIKey) -> dict[str, str]:
         "revoked_at": key.revoked_at,
     }
     fields.update({name: str(value) for name, value in optional.items() if value is not None})
-    if key.models is not None:
-        fields["models"] = json.dumps(list(key.models))
+    for name, values in (("models", key.models), ("origins", key.origins), ("endpoints", key.endpoints)):
+        if values is not None:
+            fields[name] = json.dumps(list(values))
     return fields
 
 
@@ -184,7 +186,10 @@ def _key_from_fields(raw: Mapping[Any, Any]) -> APIKey:
         value = f.get(name)
         return None if value is None else int(value)
 
-    models = f.get("models")
+    def opt_list(name: str) -> tuple[str, ...] | None:
+        value = f.get(name)
+        return None if value is None else tuple(json.loads(value))
+
     return APIKey(
         id=f["id"],
         key_hash=f["key_hash"],
@@ -193,12 +198,14 @@ def _key_from_fields(raw: Mapping[Any, Any]) -> APIKey:
         plan=f["plan"],
         rpm=opt_int("rpm"),
         tpm=opt_int("tpm"),
-        models=None if models is None else tuple(json.loads(models)),
+        models=opt_list("models"),
         scopes=tuple(json.loads(f["scopes"])),
         created_at=int(f["created_at"]),
         expires_at=opt_int("expires_at"),
         revoked_at=opt_int("revoked_at"),
         hint=f["hint"],
+        origins=opt_list("origins"),
+        endpoints=opt_list("endpoints"),
     )
 
 

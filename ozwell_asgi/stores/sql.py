@@ -81,7 +81,11 @@ api_keys_table = sa.Table(
     sa.Column("expires_at", sa.BigInteger, nullable=True),
     sa.Column("revoked_at", sa.BigInteger, nullable=True),
     sa.Column("hint", sa.String(255), nullable=False),
+    sa.Column("origins", sa.Text, nullable=True),  # JSON list (a scoped key's browser origins), or NULL: any
+    sa.Column("endpoints", sa.Text, nullable=True),  # JSON list (a scoped key's endpoint groups), or NULL: all
 )
+# Columns of ``ozwell_api_keys`` added since its first release: a table made before gets them on first use.
+_ADDED_KEY_COLUMNS = ("origins", "endpoints")
 
 # Ids compare byte by byte (PostgreSQL's "C" collation; SQLite's BINARY is that already), so the order of
 # (created_at, id) is the same in every database and in Python, whatever the database's own collation.
@@ -274,6 +278,7 @@ class SQLDatabase:
                 try:
                     async with self.engine.begin() as conn:
                         await conn.run_sync(metadata.create_all, checkfirst=True)
+                        await conn.run_sync(_add_missing_key_columns)
                     break
                 except (IntegrityError, ProgrammingError, OperationalError):
                     # Another process created the same table (or type) between our check and our CREATE; the
@@ -304,6 +309,17 @@ class SQLDatabase:
         """Dispose of the engine's pool if this instance created the engine; otherwise do nothing."""
         if self.owns_engine:
             await self.engine.dispose()
+
+
+def _add_missing_key_columns(conn: sa.Connection) -> None:
+    """``ALTER TABLE ozwell_api_keys ADD COLUMN`` each nullable column of :data:`_ADDED_KEY_COLUMNS` it lacks (a
+    table from an older release); a race with another process adding it is retried by ``ensure_tables``."""
+    table = api_keys_table
+    present = {column["name"] for column in sa.inspect(conn).get_columns(table.name)}
+    for name in _ADDED_KEY_COLUMNS:
+        if name not in present:
+            kind = table.c[name].type.compile(dialect=conn.dialect)
+            conn.execute(sa.text(f"ALTER TABLE {table.name} ADD COLUMN {name} {kind}"))
 
 
 def _id_order(column: sa.ColumnElement[Any], db: SQLDatabase) -> sa.ColumnElement[Any]:
@@ -366,11 +382,13 @@ def _key_row(key: APIKey) -> dict[str, Any]:
         "expires_at": key.expires_at,
         "revoked_at": key.revoked_at,
         "hint": key.hint,
+        "origins": None if key.origins is None else json.dumps(list(key.origins)),
+        "endpoints": None if key.endpoints is None else json.dumps(list(key.endpoints)),
     }
 
 
 def _key_from_row(row: Mapping[Any, Any]) -> APIKey:
-    models = row["models"]
+    models, origins, endpoints = row["models"], row["origins"], row["endpoints"]
     return APIKey(
         id=row["id"],
         key_hash=row["key_hash"],
@@ -385,6 +403,8 @@ def _key_from_row(row: Mapping[Any, Any]) -> APIKey:
         expires_at=row["expires_at"],
         revoked_at=row["revoked_at"],
         hint=row["hint"],
+        origins=None if origins is None else tuple(json.loads(origins)),
+        endpoints=None if endpoints is None else tuple(json.loads(endpoints)),
     )
 
 

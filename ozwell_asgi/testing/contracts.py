@@ -90,6 +90,8 @@ FULL_KEY = make_key(
     created_at=1_700_000_000,
     expires_at=4_102_444_800,  # past 2038: needs 64-bit storage
     hint="ozw_AbCd",
+    origins=("https://app.example.com", "http://localhost:5173"),
+    endpoints=("responses", "files"),
 )
 MINIMAL_KEY = make_key("min", name="", hint="")  # defaults: models None, rpm/tpm None, no expiry
 
@@ -119,6 +121,11 @@ class KeyStoreContract:
             MINIMAL_KEY,
             make_key("empty-models", models=(), scopes=()),
             make_key("born-revoked", revoked_at=1_700_000_100, created_at=1_700_000_000),
+            make_key(
+                "scoped",
+                origins=("https://app.example.com", "https://*.example.org:8443"),
+                endpoints=("chat.completions", "models"),
+            ),
         ]
         for key in variants:
             await key_store.create(key)
@@ -127,7 +134,7 @@ class KeyStoreContract:
             assert await key_store.get_by_hash(key.key_hash) == key
         got = await key_store.get(MINIMAL_KEY.id)
         assert got is not None
-        assert (got.models, got.rpm, got.tpm, got.expires_at) == (None, None, None, None)
+        assert (got.models, got.rpm, got.tpm, got.expires_at, got.origins, got.endpoints) == (None,) * 6
         empty = await key_store.get("key_empty-models")
         assert empty is not None
         assert (empty.models, empty.scopes) == ((), ())

@@ -32,10 +32,12 @@ def _duration(text: str) -> str:
 
 
 class CreateAPIKeyRequest(ClosedModel):
-    """``{"name", "owner"?, "plan"?, "rpm"?, "tpm"?, "models"?, "scopes"?, "expires_in"?}``.
+    """``{"name", "owner"?, "plan"?, "rpm"?, "tpm"?, "models"?, "scopes"?, "expires_in"?, "origins"?,
+    "endpoints"?}``.
 
     ``owner`` defaults to the caller's owner; ``scopes`` to ``["api"]``; ``models`` ``null`` means every model;
-    ``expires_in`` is seconds (>= 1) or a duration such as ``"30d"``, ``"12h"``, ``"1w2d"``.
+    ``expires_in`` is seconds (>= 1) or a duration such as ``"30d"``, ``"12h"``, ``"1w2d"``. ``origins`` (browser
+    origins) or ``endpoints`` (endpoint groups) make a scoped key (``ozw_scoped_…``); ``null``: no restriction.
     """
 
     name: str
@@ -46,6 +48,8 @@ class CreateAPIKeyRequest(ClosedModel):
     models: Annotated[list[str], Field(fail_fast=True)] | None = None
     scopes: Annotated[list[str], Field(fail_fast=True)] | None = None
     expires_in: Annotated[int, Field(ge=1, le=MAX_EXPIRES_IN)] | Annotated[str, AfterValidator(_duration)] | None = None
+    origins: Annotated[list[str], Field(fail_fast=True)] | None = None
+    endpoints: Annotated[list[str], Field(fail_fast=True)] | None = None
 
     def expires_in_seconds(self) -> int | None:
         """``expires_in`` as seconds (``None``: the key never expires)."""
