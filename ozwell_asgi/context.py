@@ -55,6 +55,10 @@ class Settings:
     ``max_model_pattern_length``: longest model id or glob in a key's ``models``, in characters (256).
     ``max_file_size``: largest file ``POST /files`` accepts (bytes; 512 MiB, OpenAI's), else 413 as soon as the
     upload passes it (a larger ``Content-Length`` is refused before reading).
+    ``usage_queue_size``: usage events each usage hook's queue holds (10,000); past it new events are dropped for
+    that hook and counted (``OzwellAPI.usage.dropped``).
+    ``usage_drain_timeout``: seconds ``aclose`` (the lifespan's shutdown) waits for queued usage events to reach
+    their hooks before dropping them (counted).
     """
 
     max_body_size: int = 32 * 1024 * 1024
@@ -69,6 +73,8 @@ class Settings:
     max_model_patterns: int = 256
     max_model_pattern_length: int = 256
     max_file_size: int = 512 * 1024 * 1024
+    usage_queue_size: int = 10_000
+    usage_drain_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -80,6 +86,7 @@ class Settings:
             "max_model_patterns",
             "max_model_pattern_length",
             "max_file_size",
+            "usage_queue_size",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"Settings.{name} must be >= 1")
@@ -89,6 +96,8 @@ class Settings:
             raise ValueError("Settings.stream_keepalive must be >= 0")
         if self.offload_parse_above < 0:
             raise ValueError("Settings.offload_parse_above must be >= 0")
+        if self.usage_drain_timeout < 0:
+            raise ValueError("Settings.usage_drain_timeout must be >= 0")
 
 
 @dataclass(slots=True)
@@ -104,13 +113,14 @@ class Services:
     settings: Settings
     plans: Mapping[str, Plan]
     files: FileStore | None = None  # the owner-scoped file store; None: the app serves no /files routes
-    on_usage: UsageSink | None = None  # called with each billable call's UsageEvent when its meter settles
+    on_usage: UsageSink | None = None  # takes each request's UsageEvent (the app's UsageHooks.emit); None: no hooks
     responses: ResponseStore | None = None  # stored responses of /responses; None: the app serves no /responses
     sources: SourceFinder | None = None  # include_sources on /responses; None: a 400 that says why
 
     async def authenticate(self, request: Request, scope: str, *alternatives: str) -> Principal:
         """The caller, who must hold ``scope`` (or one of ``alternatives``); raises 401/403 in the envelope."""
         principal = await self.authenticator.authenticate(header(request, b"authorization"))
+        request.scope["ozwell.principal"] = principal  # the caller, for this request's usage event
         require_scope(principal, scope, *alternatives)
         return principal
 
@@ -132,10 +142,19 @@ class Services:
         )
 
     async def meter(self, principal: Principal, request: Request, endpoint: CallEndpoint) -> Meter:
-        """Admit one billable call for ``principal`` before its body is read (429 if its budgets are spent)."""
-        return await Meter.admit(
-            self.limiter, principal, endpoint=endpoint, request_id=self.request_id(request), sink=self.on_usage
+        """Admit one billable call for ``principal`` before its body is read (429 if its budgets are spent). The
+        meter then emits the request's usage event when it settles (the app emits it for requests never metered)."""
+        scope = request.scope
+        meter = await Meter.admit(
+            self.limiter,
+            principal,
+            endpoint=endpoint,
+            request_id=self.request_id(request),
+            sink=self.on_usage,
+            started=scope.get("ozwell.began"),
         )
+        scope["ozwell.metered"] = True
+        return meter
 
     async def read_json(self, request: Request, cap: int | None = None) -> bytes:
         """The request's JSON body within a size cap (413; the settings' ``max_body_size``, or a route's smaller

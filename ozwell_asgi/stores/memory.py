@@ -84,6 +84,9 @@ class MemoryKeyStore:
         self._id_by_hash[key_hash] = key_id
         return key
 
+    async def ping(self) -> None:
+        """Always answers: the data is in this process (for ``/health``)."""
+
 
 class MemoryFileStore:
     """A :class:`~ozwell_asgi.protocols.FileStore` in this process's memory: metadata in a dict, content as the
@@ -174,6 +177,12 @@ class MemoryFileStore:
         else:
             await self.content.delete(file_id)
         return True
+
+    async def ping(self) -> None:
+        """Answers unless the content store, if it has ``ping``, does not (for ``/health``)."""
+        ping = getattr(self.content, "ping", None)
+        if ping is not None:
+            await ping()
 
 
 class MemoryContentStore:
@@ -280,6 +289,9 @@ class MemoryResponseStore:
             del self._latest[ckey]
         else:
             self._latest[ckey] = newest
+
+    async def ping(self) -> None:
+        """Always answers: the data is in this process (for ``/health``)."""
 
 
 class MemoryStorage:

@@ -326,6 +326,10 @@ class RedisKeyStore:
         if self._owns_client:
             await self.client.aclose()
 
+    async def ping(self) -> None:
+        """Raise unless Redis answers a ``PING``: for ``/health``."""
+        await self.client.ping()
+
 
 # --- files ------------------------------------------------------------------------------------------------------
 
@@ -717,6 +721,13 @@ class RedisFileStore:
         if self._owns_client:
             await self.client.aclose()
 
+    async def ping(self) -> None:
+        """Raise unless Redis answers a ``PING``, and the content store, if it has ``ping``: for ``/health``."""
+        await self.client.ping()
+        ping = getattr(self.content, "ping", None)
+        if ping is not None:
+            await ping()
+
 
 def _binary_client(url: str, **client_kwargs: Any) -> aioredis.Redis:
     scheme, sep, _ = url.partition("://")
@@ -751,3 +762,7 @@ class RedisStorage:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+    async def ping(self) -> None:
+        """Raise unless Redis answers a ``PING``."""
+        await self.client.ping()
