@@ -21,6 +21,7 @@ EXAMPLES = ROOT / "examples"
 
 def test_every_example_is_tested() -> None:
     tested = {"custom_backend.py", "fastapi_app.py", "openai_sdk.py", "fleet.sh", "function_backend.py"}
+    tested.add("prometheus_metrics.py")  # tests/test_prometheus_example.py
     present = {p.name for p in EXAMPLES.iterdir() if p.suffix in (".py", ".sh") and p.name != "__init__.py"}
     assert present <= tested, f"untested examples: {present - tested}"
 
