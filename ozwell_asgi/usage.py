@@ -137,10 +137,7 @@ class UsageHooks:
         """Register ``hook`` (sync or async); it receives the events emitted from now on."""
         if not callable(hook):
             raise TypeError(f"a usage hook must be callable, got {type(hook).__name__}")
-        lane = _Lane(hook)
-        self._lanes.append(lane)
-        if self._loop is not None:
-            self._start(lane, self._loop)
+        self._lanes.append(_Lane(hook))  # its worker starts with the next event
 
     def __len__(self) -> int:
         return len(self._lanes)
@@ -203,9 +200,13 @@ class UsageHooks:
                 lane.dropped += 1
                 continue
             pending.append(event)
+            if loop is None:
+                continue
             wake = lane.wake
-            if wake is not None and loop is not None:
+            if wake is not None:
                 wake.set()
+            else:  # a hook added since the workers started
+                self._start(lane, loop)
 
     __call__ = emit  # a UsageHooks is itself a usage sink
 
@@ -216,6 +217,15 @@ class UsageHooks:
         self._loop = loop
         for lane in self._lanes:
             self._start(lane, loop)
+
+    def _ensure(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Every hook has a worker on ``loop``."""
+        if loop is not self._loop:
+            self._bind(loop)
+            return
+        for lane in self._lanes:
+            if lane.wake is None:
+                self._start(lane, loop)
 
     def _start(self, lane: _Lane, loop: asyncio.AbstractEventLoop) -> None:
         wake = lane.wake = asyncio.Event()
@@ -251,7 +261,10 @@ class UsageHooks:
                     lane.done += 1
                     self._wake_waiters(lane)
             else:
-                failures = await loop.run_in_executor(None, _call_each, lane.fn, batch)
+                try:
+                    failures = await loop.run_in_executor(None, _call_each, lane.fn, batch)
+                except RuntimeError as exc:  # the loop's executor is shut down: the batch is lost, counted
+                    failures = [exc] * len(batch)
                 lane.in_flight = 0
                 lane.done += len(batch)
                 lane.delivered += len(batch) - len(failures)
@@ -287,8 +300,7 @@ class UsageHooks:
     async def flush(self) -> None:
         """Return once every event emitted before the call has been handed to every hook and returned from."""
         loop = asyncio.get_running_loop()
-        if loop is not self._loop:
-            self._bind(loop)
+        self._ensure(loop)
         waits: list[Awaitable[None]] = []
         for lane in self._lanes:
             target = lane.done + len(lane.pending) + lane.in_flight
@@ -303,7 +315,7 @@ class UsageHooks:
         """Deliver what is queued within ``drain_timeout`` seconds (default: the one given at construction), then
         stop the workers; events still queued (or being delivered) are dropped and counted. Later events start the
         workers again."""
-        if self._loop is not None and self._loop is asyncio.get_running_loop():
+        if self.pending:
             try:
                 async with asyncio.timeout(self.drain_timeout if drain_timeout is None else drain_timeout):
                     await self.flush()

@@ -366,3 +366,15 @@ def test_queued_events_follow_the_app_to_a_new_loop() -> None:
 
     asyncio.run(deliver())
     assert got == [1, 2, 3]
+
+
+async def test_a_hook_added_while_workers_run_gets_the_next_events() -> None:
+    first: list[int] = []
+    later: list[int] = []
+    hooks = UsageHooks([lambda e: first.append(e.prompt_tokens)])
+    hooks.emit(event(1))
+    await hooks.flush()
+    hooks.add(lambda e: later.append(e.prompt_tokens))
+    hooks.emit(event(2))
+    await hooks.flush()
+    assert (first, later) == ([1, 2], [2])
