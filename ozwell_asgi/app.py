@@ -15,7 +15,7 @@ import random
 import re
 import secrets
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from types import MappingProxyType
 from typing import Any
 
@@ -31,8 +31,8 @@ from .background import BackgroundRuns
 from .context import Services, Settings
 from .cors import DEFAULT_MAX_AGE, CORSPolicy
 from .errors import MethodNotAllowedError, NotFoundError, OzwellError, internal_error
+from .health import Health
 from .hostauth import HostAuth, HostAuthenticator
-from .meter import UsageSink
 from .protocols import ChatBackend, EmbeddingBackend, FileStore, KeyStore, RateLimiter, ResponseStore
 from .ratelimit import DEFAULT_PLANS, LimitsRateLimiter, Plan
 from .responses import error_response
@@ -40,7 +40,8 @@ from .routes import ROUTES, Handler, RouteRow
 from .stores.cache import CachedKeyStore
 from .stores.urls import Storages
 from .tokens import Tokenizer, default_tokenizer
-from .types import Receive, Scope, Send
+from .types import Receive, Scope, Send, UsageEvent
+from .usage import UNKNOWN_ENDPOINT, UsageHook, UsageHooks, endpoint_name
 
 __all__ = ["OzwellAPI"]
 
@@ -50,11 +51,12 @@ log = logging.getLogger("ozwell_asgi")
 class _Endpoint:
     """Adapts a handler to an ASGI app that Starlette's Route calls directly (no per-request wrapping)."""
 
-    __slots__ = ("handler", "services")
+    __slots__ = ("handler", "name", "services")
 
-    def __init__(self, handler: Handler, services: Services) -> None:
+    def __init__(self, handler: Handler, services: Services, name: str = UNKNOWN_ENDPOINT) -> None:
         self.handler = handler
         self.services = services
+        self.name = name  # the endpoint of its usage events (usage.endpoint_name)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         response = await self.handler(self.services, Request(scope, receive))
@@ -132,16 +134,21 @@ def _request_id(headers: dict[bytes, bytes]) -> bytes:
 class PrefixedApp:
     """Serves ``api`` under ``prefix`` as the top-level application (what ``ozwell-asgi serve`` runs).
 
-    Paths outside the prefix get our 404 envelope; lifespan events reach the API.
+    Paths outside the prefix get our 404 envelope, but ``health`` (``/health``; ``None``: not served), which
+    answers ``api.health`` (no key, never rate limited); lifespan events reach the API.
     """
 
-    def __init__(self, api: OzwellAPI, prefix: str = "/v1") -> None:
+    def __init__(self, api: OzwellAPI, prefix: str = "/v1", *, health: str | None = "/health") -> None:
         self.api = api
         self.prefix = prefix.rstrip("/")
+        self.health = health
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] in ("http", "websocket"):
             path: str = scope["path"]
+            if path == self.health and scope["type"] == "http":
+                await self.api.health(scope, receive, send)
+                return
             # The server made this scope for this request alone: set the prefix in place, as Starlette's Mount does.
             if path == self.prefix or path.startswith(self.prefix + "/"):
                 scope["root_path"] = scope.get("root_path", "") + self.prefix
@@ -162,9 +169,14 @@ class OzwellAPI:
     one is made for ``memory://``). ``key_cache_ttl`` bounds how long another process may still accept a key
     revoked elsewhere (0 disables the cache). Adapters built here from URLs are closed by :meth:`aclose`.
 
-    ``on_usage`` is called with a :class:`~ozwell_asgi.types.UsageEvent` for every billable call (chat,
-    embeddings) when its meter settles: key, owner, endpoint, model, status, tokens, latency. It runs on the request
-    path, so it must be quick and must not block (append to a queue); an exception in it is logged, never sent.
+    ``on_usage`` (one callable or several; more with :meth:`add_usage_hook`) receives a
+    :class:`~ozwell_asgi.types.UsageEvent` for every request: key, owner, endpoint, model, status, tokens, latency,
+    request id. Hooks (sync or async) run off the response path, each behind its own bounded queue
+    (:class:`~ozwell_asgi.usage.UsageHooks`, ``self.usage``): a slow or failing hook never delays or breaks an answer;
+    what a full queue drops is counted (``self.usage.dropped``), and so are failures (``self.usage.failed``).
+
+    ``self.health`` answers whether the stores and the limiter do (:class:`~ozwell_asgi.health.Health`): ``await
+    api.health.check()``, or serve it as an ASGI endpoint (``Route("/health", api.health)``).
 
     ``file_store`` keeps the files of ``/files`` (any :class:`~ozwell_asgi.protocols.FileStore`, or a URL); by default
     ``memory://``, a :class:`~ozwell_asgi.stores.memory.MemoryFileStore` (this process's memory, 1 GiB in all).
@@ -194,11 +206,11 @@ class OzwellAPI:
         on_limiter_error: str = "closed",
         settings: Settings | None = None,
         tokenizer: Tokenizer | None = None,
-        on_usage: UsageSink | None = None,
         response_store: ResponseStore | str | None = "memory://",
         authenticators: Iterable[HostAuthenticator] = (),
         cors_origins: Iterable[str] | str = (),
         cors_max_age: int = DEFAULT_MAX_AGE,
+        on_usage: UsageHook | Iterable[UsageHook] | None = None,
     ) -> None:
         if on_limiter_error not in ("closed", "open"):
             raise ValueError("on_limiter_error must be 'closed' or 'open'")
@@ -242,6 +254,8 @@ class OzwellAPI:
         self.cors = CORSPolicy(cors_origins, max_age=cors_max_age)
         host = HostAuth(authenticators, self.cors.trusted)
         self.rate_limiter = rate_limiter
+        hooks = () if on_usage is None else (on_usage,) if callable(on_usage) else tuple(on_usage)
+        self.usage = UsageHooks(hooks, max_queue=settings.usage_queue_size, drain_timeout=settings.usage_drain_timeout)
         self.services = Services(
             backend=served.catalog,
             chat=served.chat,
@@ -254,7 +268,7 @@ class OzwellAPI:
             settings=settings,
             plans=plans,
             files=file_store,
-            on_usage=on_usage,
+            on_usage=self.usage.emit if self.usage else None,
             responses=response_store,
             host=host if host.authenticators else None,
         )
@@ -262,6 +276,7 @@ class OzwellAPI:
             # Background runs are cancelled (their meters settled) before the stores close: _owned closes in reverse.
             self.services.background = BackgroundRuns(settings.max_background_responses)
             self._owned.append(self.services.background)
+        self.health = Health(self._health_components(key_store))
         has = {
             "chat": served.chat is not None,
             "embeddings": served.embeddings is not None,
@@ -269,7 +284,7 @@ class OzwellAPI:
             "responses": served.chat is not None and response_store is not None,
         }
         self.routes = _RouteTable(
-            (row, _Endpoint(row.handler, self.services))
+            (row, _Endpoint(row.handler, self.services, endpoint_name(row.path, row.method)))
             for row in ROUTES
             if row.capability is None or has[row.capability]
         )
@@ -287,8 +302,32 @@ class OzwellAPI:
             await self.tokenizer.warm()
             self._started = True
 
+    def add_usage_hook(self, hook: UsageHook) -> None:
+        """Give ``hook`` (sync or async) every request's :class:`~ozwell_asgi.types.UsageEvent` from now on."""
+        self.usage.add(hook)
+        self.services.on_usage = self.usage.emit
+
+    def _health_components(self, key_store: KeyStore) -> Callable[[], dict[str, object]]:
+        services = self.services
+
+        def components() -> dict[str, object]:
+            found: dict[str, object] = {"key_store": key_store}  # the store itself, not the cache in front of it
+            if services.files is not None:
+                found["file_store"] = services.files
+            if services.responses is not None:
+                found["response_store"] = services.responses
+            found["rate_limiter"] = services.limiter
+            return found
+
+        return components
+
     async def aclose(self) -> None:
-        """Close the adapters this app built from URLs (never instances the host passed in)."""
+        """Deliver the queued usage events (within ``Settings.usage_drain_timeout``), then close the adapters this
+        app built from URLs (never instances the host passed in). Background responses are cancelled first, so the
+        usage events of their settled meters are among those delivered."""
+        if self.services.background is not None:
+            await self.services.background.aclose()  # idempotent: closed again, doing nothing, with the rest
+        await self.usage.aclose()
         for resource in reversed(self._owned):
             close = getattr(resource, "aclose", None)
             if close is not None:
@@ -330,6 +369,7 @@ class OzwellAPI:
         if not self._started:
             await self.startup()
         began = time.perf_counter()
+        scope["ozwell.began"] = began
         headers = dict(scope["headers"])  # one pass; later duplicates win, which no header we read relies on
         scope["ozwell.headers"] = headers
         request_id = _request_id(headers)
@@ -337,11 +377,15 @@ class OzwellAPI:
         response_started = False
         origin = headers.get(b"origin")
         cors = self.cors.headers_for(origin) if origin is not None else ()
+        status = 499  # until a response starts: a request that ends before one did lost its client
+        usage = self.services.on_usage
+        name = UNKNOWN_ENDPOINT
 
         async def send_with_ids(message: Any) -> None:
-            nonlocal response_started
+            nonlocal response_started, status
             if message["type"] == "http.response.start":
                 response_started = True
+                status = message["status"]
                 elapsed = str(int((time.perf_counter() - began) * 1000)).encode()
                 message["headers"] = [
                     *message["headers"],
@@ -371,6 +415,7 @@ class OzwellAPI:
                     headers=[("Allow", ", ".join(allowed))],
                 )
             scope["path_params"] = params
+            name = endpoint.name
             await endpoint(scope, receive, send_with_ids)
         except Exception as exc:
             error = self._as_error(exc, request_id)
@@ -378,6 +423,10 @@ class OzwellAPI:
                 log.error("error after the response started (request %s): %r", request_id.decode(), error)
                 return
             await error_response(error)(scope, receive, send_with_ids)
+        finally:
+            # Exactly one usage event per request: a metered call's meter emits it when it settles; the rest here.
+            if usage is not None and "ozwell.metered" not in scope:
+                _emit_unmetered(usage, scope, name, status, began, request_id)
 
     @staticmethod
     def _as_error(exc: Exception, request_id: bytes) -> OzwellError:
@@ -388,3 +437,26 @@ class OzwellAPI:
             return OzwellError(str(exc.detail), status=exc.status_code, type="invalid_request_error", headers=headers)
         log.exception("unhandled error (request %s)", request_id.decode())
         return internal_error()
+
+
+def _emit_unmetered(
+    sink: Callable[[UsageEvent], None], scope: Scope, endpoint: str, status: int, began: float, request_id: bytes
+) -> None:
+    """The usage event of a request no meter settled: its caller if it authenticated, no model, no tokens."""
+    principal = scope.get("ozwell.principal")
+    event = UsageEvent(
+        request_id=request_id.decode(),
+        key_id=principal.key_id if principal is not None else "",
+        owner=principal.owner if principal is not None else "",
+        endpoint=endpoint,
+        model=None,
+        status=status,
+        prompt_tokens=0,
+        completion_tokens=0,
+        charged=0,
+        latency_ms=(time.perf_counter() - began) * 1000,
+    )
+    try:
+        sink(event)
+    except Exception:  # a sink never breaks an answer (UsageHooks.emit never raises; a host's own sink might)
+        log.exception("usage sink failed")

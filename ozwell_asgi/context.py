@@ -65,6 +65,10 @@ class Settings:
     ``background_cancel_check``: seconds between a background run's looks at its stored record, between chunks, for
     a cancel or delete made by another worker (it also looks once before recording its result).
     ``max_sources``: passages ``include_sources`` asks the source finder for and gives the model.
+    ``usage_queue_size``: usage events each usage hook's queue holds (10,000); past it new events are dropped for
+    that hook and counted (``OzwellAPI.usage.dropped``).
+    ``usage_drain_timeout``: seconds ``aclose`` (the lifespan's shutdown) waits for queued usage events to reach
+    their hooks before dropping them (counted).
     """
 
     max_body_size: int = 32 * 1024 * 1024
@@ -84,6 +88,8 @@ class Settings:
     max_background_responses: int = 64
     background_cancel_check: float = 2.0
     max_sources: int = 5
+    usage_queue_size: int = 10_000
+    usage_drain_timeout: float = 5.0
 
     def __post_init__(self) -> None:
         for name in (
@@ -99,6 +105,7 @@ class Settings:
             "max_input_items",
             "max_background_responses",
             "max_sources",
+            "usage_queue_size",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"Settings.{name} must be >= 1")
@@ -110,6 +117,8 @@ class Settings:
             raise ValueError("Settings.background_cancel_check must be > 0")
         if self.offload_parse_above < 0:
             raise ValueError("Settings.offload_parse_above must be >= 0")
+        if self.usage_drain_timeout < 0:
+            raise ValueError("Settings.usage_drain_timeout must be >= 0")
 
 
 @dataclass(slots=True)
@@ -125,7 +134,7 @@ class Services:
     settings: Settings
     plans: Mapping[str, Plan]
     files: FileStore | None = None  # the owner-scoped file store; None: the app serves no /files routes
-    on_usage: UsageSink | None = None  # called with each billable call's UsageEvent when its meter settles
+    on_usage: UsageSink | None = None  # takes each request's UsageEvent (the app's UsageHooks.emit); None: no hooks
     responses: ResponseStore | None = None  # stored responses of /responses; None: the app serves no /responses
     sources: SourceFinder | None = None  # include_sources on /responses; None: a 400 that says why
     background: BackgroundRuns | None = None  # background /responses runs of this process (with a response store)
@@ -142,6 +151,7 @@ class Services:
             principal = await self.host.authenticate(request)
         if principal is None:
             principal = await self.authenticator.authenticate(header(request, b"authorization"))
+        request.scope["ozwell.principal"] = principal  # the caller, for this request's usage event
         require_scope(principal, scope, *alternatives)
         if principal.origins is not None or principal.endpoints is not None:
             path: str = request.scope["path"]
@@ -169,10 +179,19 @@ class Services:
         )
 
     async def meter(self, principal: Principal, request: Request, endpoint: CallEndpoint) -> Meter:
-        """Admit one billable call for ``principal`` before its body is read (429 if its budgets are spent)."""
-        return await Meter.admit(
-            self.limiter, principal, endpoint=endpoint, request_id=self.request_id(request), sink=self.on_usage
+        """Admit one billable call for ``principal`` before its body is read (429 if its budgets are spent). The
+        meter then emits the request's usage event when it settles (the app emits it for requests never metered)."""
+        scope = request.scope
+        meter = await Meter.admit(
+            self.limiter,
+            principal,
+            endpoint=endpoint,
+            request_id=self.request_id(request),
+            sink=self.on_usage,
+            started=scope.get("ozwell.began"),
         )
+        scope["ozwell.metered"] = True
+        return meter
 
     async def read_json(self, request: Request, cap: int | None = None) -> bytes:
         """The request's JSON body within a size cap (413; the settings' ``max_body_size``, or a route's smaller

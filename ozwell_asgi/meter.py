@@ -57,11 +57,12 @@ class Meter:
         endpoint: str = "",
         request_id: str = "",
         sink: UsageSink | None = None,
+        started: float | None = None,
     ) -> None:
         self._limiter = limiter
         self._settled = False
         self._sink = sink
-        self._started = time.perf_counter()
+        self._started = time.perf_counter() if started is None else started
         self.reservation = reservation
         self.principal = principal
         self.endpoint = endpoint
@@ -77,10 +78,16 @@ class Meter:
         endpoint: str = "",
         request_id: str = "",
         sink: UsageSink | None = None,
+        started: float | None = None,
     ) -> Meter:
-        """Take one request and ``floor`` tokens on ``principal``'s limits, or raise 429 (or 503) taking nothing."""
+        """Take one request and ``floor`` tokens on ``principal``'s limits, or raise 429 (or 503) taking nothing.
+
+        ``started``: the ``time.perf_counter()`` instant the request arrived, from which the event's latency is
+        measured (default: now)."""
         reservation = await limiter.reserve(principal.key_id, principal.quota, floor)
-        return cls(limiter, reservation, principal, endpoint=endpoint, request_id=request_id, sink=sink)
+        return cls(
+            limiter, reservation, principal, endpoint=endpoint, request_id=request_id, sink=sink, started=started
+        )
 
     @property
     def reserved(self) -> int:
@@ -109,7 +116,8 @@ class Meter:
         status: int = 200,
     ) -> None:
         """Charge ``used`` tokens (at most what was reserved) instead of the reservation; once; never raises. Then
-        the usage event (``usage`` split into prompt and completion when known) goes to the sink, if any.
+        the usage event (``usage`` split into prompt and completion when known) goes to the sink, if any (the app's
+        :class:`~ozwell_asgi.usage.UsageHooks`: one append per hook, the hooks run later, off this path).
 
         ``shield`` (the default) lets it finish while the call is being cancelled (a client gone mid-stream); the
         last step of a plain completion skips that cost."""

@@ -703,3 +703,14 @@ class LimitsRateLimiter:
                 await bridge.get_connection().aclose()
             if pool is not None:
                 await pool.disconnect()
+
+    async def ping(self) -> None:
+        """Raise unless the storage answers within ``timeout`` (``/health``), whatever ``on_storage_error`` says; the
+        memory storage counts in this process and always answers. Nothing is counted."""
+        if self._local is not None:
+            return
+        storage = self._get_storage()
+        if self._reserve_script is not None:  # plain Redis: one PING on the limiter's own pool
+            await self._bounded(storage.bridge.get_connection().ping())
+        elif not await self._bounded(storage.check()):
+            raise ConnectionError("the rate-limit storage does not answer")

@@ -326,10 +326,16 @@ class StoredFile:
 
 @dataclass(frozen=True, slots=True)
 class UsageEvent:
-    """What one billable call used, emitted once when its meter settles (``OzwellAPI(on_usage=...)``).
+    """What one request used: one event per request, to the app's usage hooks (``OzwellAPI(on_usage=...)``).
 
-    ``status`` is the HTTP status the call answered with (499 when the client went away first); ``charged`` the
-    tokens taken from the key's budget (at most what was reserved); ``latency_ms`` from admission to settlement.
+    A billable call's (chat, embeddings, responses) is emitted when its meter settles, with its ``model`` and
+    tokens; every other request's (models, files, keys, and refusals such as 401, 404, 429) when it ends, with
+    ``model`` ``None`` and no tokens. ``endpoint`` names the route as the SDKs name the call
+    (:func:`ozwell_asgi.usage.endpoint_name`: ``chat.completions``, ``models.list``...; ``unknown`` when no route
+    matched); ``key_id`` and ``owner`` are ``""`` until a key is recognised. ``status`` is the HTTP status answered
+    (for a stream, the status of how it ended; 499 when the client went away first); ``charged`` the tokens taken
+    from the key's budget (at most what was reserved); ``latency_ms`` from the request's arrival to its settlement
+    (a stream's last byte) or end.
     """
 
     request_id: str

@@ -28,6 +28,7 @@ def test_every_example_is_tested() -> None:
         "function_backend.py",
         "responses_chat.py",
     }
+    tested.add("prometheus_metrics.py")  # tests/test_prometheus_example.py
     present = {p.name for p in EXAMPLES.iterdir() if p.suffix in (".py", ".sh") and p.name != "__init__.py"}
     assert present <= tested, f"untested examples: {present - tested}"
 

@@ -89,6 +89,9 @@ class MemoryKeyStore:
         self._id_by_hash[key_hash] = key_id
         return key
 
+    async def ping(self) -> None:
+        """Always answers: the data is in this process (for ``/health``)."""
+
 
 class MemoryFileStore:
     """A :class:`~ozwell_asgi.protocols.FileStore` in this process's memory: metadata in a dict, content as the
@@ -179,6 +182,12 @@ class MemoryFileStore:
         else:
             await self.content.delete(file_id)
         return True
+
+    async def ping(self) -> None:
+        """Answers unless the content store, if it has ``ping``, does not (for ``/health``)."""
+        ping = getattr(self.content, "ping", None)
+        if ping is not None:
+            await ping()
 
 
 class MemoryContentStore:
@@ -329,6 +338,9 @@ class MemoryResponseStore:
 
 def _position(record: StoredResponse) -> tuple[int, str]:
     return (record.created_at, record.id)
+
+    async def ping(self) -> None:
+        """Always answers: the data is in this process (for ``/health``)."""
 
 
 class MemoryStorage:

@@ -349,6 +349,10 @@ class RedisKeyStore:
         if self._owns_client:
             await self.client.aclose()
 
+    async def ping(self) -> None:
+        """Raise unless Redis answers a ``PING``: for ``/health``."""
+        await self.client.ping()
+
 
 # --- files ------------------------------------------------------------------------------------------------------
 
@@ -740,6 +744,13 @@ class RedisFileStore:
         if self._owns_client:
             await self.client.aclose()
 
+    async def ping(self) -> None:
+        """Raise unless Redis answers a ``PING``, and the content store, if it has ``ping``: for ``/health``."""
+        await self.client.ping()
+        ping = getattr(self.content, "ping", None)
+        if ping is not None:
+            await ping()
+
 
 # --- responses ------------------------------------------------------------------------------------------------
 
@@ -991,3 +1002,7 @@ class RedisStorage:
 
     async def aclose(self) -> None:
         await self.client.aclose()
+
+    async def ping(self) -> None:
+        """Raise unless Redis answers a ``PING``."""
+        await self.client.ping()

@@ -310,6 +310,12 @@ class SQLDatabase:
         if self.owns_engine:
             await self.engine.dispose()
 
+    async def ping(self) -> None:
+        """Raise unless the database answers (its tables made if missing, then ``SELECT 1``): for ``/health``."""
+        await self.ensure_tables()
+        async with self.engine.connect() as conn:
+            await conn.execute(sa.text("SELECT 1"))
+
 
 def _add_missing_key_columns(conn: sa.Connection) -> None:
     """``ALTER TABLE ozwell_api_keys ADD COLUMN`` each nullable column of :data:`_ADDED_KEY_COLUMNS` it lacks (a
@@ -527,6 +533,10 @@ class SQLKeyStore:
         """Dispose of the engine if this store created it (``from_url``); a shared database is left open."""
         if self._owns_db:
             await self.db.aclose()
+
+    async def ping(self) -> None:
+        """Raise unless the database answers (``SQLDatabase.ping``)."""
+        await self.db.ping()
 
 
 # --- files ------------------------------------------------------------------------------------------------------
@@ -965,6 +975,13 @@ class SQLFileStore:
         """Dispose of the engine if this store created it (``from_url``); a shared database is left open."""
         if self._owns_db:
             await self.db.aclose()
+
+    async def ping(self) -> None:
+        """Raise unless the database answers (``SQLDatabase.ping``), and the content store, if it has ``ping``."""
+        await self.db.ping()
+        ping = getattr(self.content, "ping", None)
+        if ping is not None:
+            await ping()
 
 
 # --- responses --------------------------------------------------------------------------------------------------
