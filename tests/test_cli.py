@@ -489,6 +489,7 @@ SERVE_NAMES = [
     ("--upstream-key", "OZWELL_UPSTREAM_KEY", None),
     ("--store", "OZWELL_STORE_URL", "sqlite:///./ozwell.db"),
     ("--files", "OZWELL_FILES_URL", None),
+    ("--responses", "OZWELL_RESPONSES_URL", None),
     ("--file-content", "OZWELL_FILE_CONTENT_URL", None),
     ("--limiter", "OZWELL_LIMITER_URL", "memory://"),
     ("--limiter-namespace", "OZWELL_LIMITER_NAMESPACE", "ozwell"),
@@ -520,6 +521,7 @@ OTHER_VALUES: dict[str, tuple[str, object, list[str], object]] = {
     "upstream_key": ("sk-from-env", "sk-from-env", ["--upstream-key", "sk-from-flag"], "sk-from-flag"),
     "store_url": ("sqlite:///env.db", "sqlite:///env.db", ["--store", "memory://"], "memory://"),
     "files_url": ("redis://127.0.0.1:1/0", "redis://127.0.0.1:1/0", ["--files", "memory://"], "memory://"),
+    "responses_url": ("redis://127.0.0.1:1/0", "redis://127.0.0.1:1/0", ["--responses", "memory://"], "memory://"),
     "file_content_url": ("file:///srv/files", "file:///srv/files", ["--file-content", "store"], "store"),
     "limiter_url": (
         "redis://127.0.0.1:1/0",
@@ -620,6 +622,7 @@ def test_the_app_settings_reach_workers_and_back_without_a_secret(
         upstream_key="sk-upstream-key-never-exported",
         store_url="sqlite:///w.db",
         files_url="sqlite:///files.db",
+        responses_url="sqlite:///responses.db",
         file_content_url="file:///srv/files",
         limiter_url="redis://127.0.0.1:1/0",
         limiter_namespace="ns",

@@ -24,6 +24,8 @@ pytestmark = pytest.mark.anyio
 DEAD_REDIS = "redis://127.0.0.1:1/0"
 DEAD_POSTGRES = "postgresql+asyncpg://postgres@127.0.0.1:1/test"
 
+ALL_OK = {"key_store": "ok", "file_store": "ok", "response_store": "ok", "rate_limiter": "ok"}
+
 
 def config(**kwargs: Any) -> ServeConfig:
     return ServeConfig(**{"store_url": "memory://", "secret": "s" * 32, **kwargs})
@@ -64,7 +66,7 @@ async def test_memory_stores_are_healthy_with_no_key_and_any_number_of_calls() -
     }
     assert api.status_code == 401  # the API itself still wants a key
     report = await app.api.health.check()
-    assert report.checks == {"key_store": "ok", "file_store": "ok", "rate_limiter": "ok"}
+    assert report.checks == ALL_OK
 
 
 async def test_redis_and_postgresql_stores_and_a_redis_limiter_are_healthy(redis_url: str, postgres_url: str) -> None:
@@ -73,7 +75,7 @@ async def test_redis_and_postgresql_stores_and_a_redis_limiter_are_healthy(redis
         try:
             assert await health_of(app) == (200, {"status": "ok"})
             report = await app.api.health.check()
-            assert report.checks == {"key_store": "ok", "file_store": "ok", "rate_limiter": "ok"}
+            assert report.checks == ALL_OK
         finally:
             await aclose(app)
 
@@ -87,7 +89,7 @@ async def test_a_dead_limiter_is_named_in_a_503(redis_url: str) -> None:
             await aclose(app)
         assert status == 503
         assert body["status"] == "unavailable"
-        assert body["checks"] == {"key_store": "ok", "file_store": "ok", "rate_limiter": "error"}
+        assert body["checks"] == {**ALL_OK, "rate_limiter": "error"}
         assert body["error"] == {
             "message": "Not ready: rate_limiter did not answer.",
             "type": "server_error",
@@ -104,8 +106,13 @@ async def test_dead_stores_are_named_in_a_503_without_their_urls(redis_url: str)
         await aclose(app)
         assert answer.status_code == 503
         body = answer.json()
-        assert body["checks"] == {"key_store": "error", "file_store": "error", "rate_limiter": "ok"}
-        assert "key_store, file_store" in body["error"]["message"]
+        assert body["checks"] == {
+            "key_store": "error",
+            "file_store": "error",
+            "response_store": "error",
+            "rate_limiter": "ok",
+        }
+        assert "key_store, file_store, response_store" in body["error"]["message"]
         assert "127.0.0.1" not in answer.text and "postgres" not in answer.text  # no URL, no exception text
 
 
@@ -161,7 +168,7 @@ async def test_a_probe_that_hangs_is_a_timeout(caplog: pytest.LogCaptureFixture)
     api = OzwellAPI(key_store=store, secret="s" * 32)
     health = Health(api.health.components, timeout=0.001, ttl=0)
     report = await health.check()
-    assert report.checks == {"key_store": "timeout", "file_store": "ok", "rate_limiter": "ok"}
+    assert report.checks == {"key_store": "timeout", "file_store": "ok", "response_store": "ok", "rate_limiter": "ok"}
     assert report.status_code == 503
     await health.check()
     store.hanging = False

@@ -138,6 +138,7 @@ def build_app(config: ServeConfig, backend: object = None) -> PrefixedApp:
         secret=config.secret,
         key_cache_ttl=config.key_cache_ttl,
         cors_origins=config.cors_origins or (),
+        response_store=storages.response_store(config.responses_url or config.store_url),
     )
     return _ServedApp(api, limiter, backend, storages)
 

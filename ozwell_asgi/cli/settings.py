@@ -429,6 +429,15 @@ class ServeConfig:
         flag="--files",
         metavar="URL",
     )
+    responses_url: str | None = setting(
+        "OZWELL_RESPONSES_URL",
+        None,
+        TEXT,
+        "response store URL for /responses (default: the key store's URL, sharing its engine or client, so every "
+        "worker chains to every stored response)",
+        flag="--responses",
+        metavar="URL",
+    )
     file_content_url: str | None = setting(
         "OZWELL_FILE_CONTENT_URL",
         None,
