@@ -204,7 +204,8 @@ class Services:
         """Take one request and no tokens on the caller's limits (429 if spent); the rate-limit headers to send."""
         reservation = await self.limiter.reserve(principal.key_id, principal.quota, 0)
         await self.limiter.settle(reservation, 0)
-        return rate_limit_header_bytes(reservation)
+        now = getattr(self.limiter, "now", None)  # the limiter's clock, if it has one, decides the reset headers
+        return rate_limit_header_bytes(reservation, None if now is None else now())
 
     async def find_model(self, principal: Principal, model: str, kind: str) -> ModelInfo:
         """The backend's model ``model``, if ``principal`` may use it: 403 if the key excludes it, 404 if unknown."""

@@ -103,8 +103,9 @@ class Meter:
 
     @property
     def headers(self) -> list[tuple[bytes, bytes]]:
-        """The rate-limit headers as they stand now (ASGI pairs)."""
-        return rate_limit_header_bytes(self.reservation)
+        """The rate-limit headers as they stand now (ASGI pairs), by the limiter's clock if it has one."""
+        now = getattr(self._limiter, "now", None)
+        return rate_limit_header_bytes(self.reservation, None if now is None else now())
 
     async def settle(
         self,

@@ -340,6 +340,7 @@ class LimitsRateLimiter:
         scheme = self._url.split("://", 1)[0]
         if scheme not in SCHEMES:
             raise ValueError(f"unsupported rate-limit storage {scheme!r}")
+        self._require_driver()
         self._namespace = namespace
         self._fail_open = on_storage_error == "open"
         self._timeout = timeout
@@ -352,6 +353,25 @@ class LimitsRateLimiter:
         self._local = _LocalCounters() if self._base_scheme == "memory" else None
         self._reserve_script: Any = None  # the one-round-trip reservation, on plain Redis (see _RESERVE_LUA)
         self._prefixed: Callable[[str], str] = str
+
+    def now(self) -> float:
+        """The limiter's clock (epoch seconds): what decides windows, and what the rate-limit headers count from."""
+        return self._clock()
+
+    def _require_driver(self) -> None:
+        """``ImportError`` naming the extra to install when the storage's driver is missing: at construction, so a
+        server fails at startup rather than answering every request with a 500."""
+        if self._base_scheme not in _REDIS_SCHEMES and self._base_scheme not in ("redis+cluster", "redis+sentinel"):
+            return
+        try:
+            import redis.asyncio  # noqa: F401
+        except ImportError as exc:
+            from .stores.urls import missing_driver
+
+            error = missing_driver(exc, f"the {self._base_scheme}:// rate limiter")
+            if error is exc:
+                raise
+            raise error from exc
 
     # -- storage plumbing
 

@@ -12,6 +12,7 @@ message has a ``name``, the tokens of its text, and 3 that prime the reply.
 from __future__ import annotations
 
 import threading
+import warnings
 from collections.abc import Sequence
 from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -72,9 +73,14 @@ class BPETokenizer:
     def _load(self) -> Any:
         with self._lock:
             if self._enc is None:
-                import bpe_openai
+                with warnings.catch_warnings():
+                    # bpe-openai reads its tables with importlib.resources.open_binary, deprecated since Python
+                    # 3.11: in a host running with -W error that warning would fail the first request. Only that
+                    # warning is silenced, and only while the package imports and its tables load (once).
+                    warnings.filterwarnings("ignore", message=r"open_binary is deprecated", category=DeprecationWarning)
+                    import bpe_openai
 
-                enc = bpe_openai.get_encoding(self.encoding_name)
+                    enc = bpe_openai.get_encoding(self.encoding_name)
                 direct = getattr(enc, "_backend", None)
                 if callable(getattr(direct, "encode", None)) and callable(getattr(direct, "count", None)):
                     self._direct = direct

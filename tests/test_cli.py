@@ -485,6 +485,7 @@ SERVE_NAMES = [
     ("--workers", "OZWELL_WORKERS", 1),
     ("--log-level", "OZWELL_LOG_LEVEL", "info"),
     ("--access-log", "OZWELL_ACCESS_LOG", True),
+    ("--reload", "OZWELL_RELOAD", False),
     ("--backend", "OZWELL_BACKEND", "echo"),
     ("--upstream-key", "OZWELL_UPSTREAM_KEY", None),
     ("--store", "OZWELL_STORE_URL", "sqlite:///./ozwell.db"),
@@ -512,6 +513,7 @@ OTHER_VALUES: dict[str, tuple[str, object, list[str], object]] = {
     "workers": ("3", 3, ["--workers", "2"], 2),
     "log_level": ("debug", "debug", ["--log-level", "warning"], "warning"),
     "access_log": ("off", False, ["--access-log"], True),
+    "reload": ("yes", True, ["--no-reload"], False),
     "backend": (
         "pkg.mod:thing",
         "pkg.mod:thing",
@@ -685,7 +687,7 @@ def test_serve_hands_the_backend_to_workers_and_its_key_only_as_a_file(
     assert key_file_text.strip() == key
     assert not Path(environ["OZWELL_UPSTREAM_KEY_FILE"]).exists()  # removed when serve returned
     # the banner names the backend, never its password, query or key
-    assert "serving http://127.0.0.1:8000/v1 on the backend openai+http://127.0.0.1:9/v1 with an upstream key" in err
+    assert "serving http://127.0.0.1:8000/v1 on the backend openai+http://127.0.0.1:9/v1 with an upstream key, 2" in err
     assert "hunter2" not in err
     assert key not in err
     assert "k=v" not in err

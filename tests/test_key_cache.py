@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import time
 
 import anyio
 import pytest
@@ -15,7 +14,20 @@ from ozwell_asgi.types import APIKey
 
 pytestmark = pytest.mark.anyio
 
-TTL = 0.2
+TTL = 5.0
+
+
+class Clock:
+    """A monotonic clock the test moves by hand: the cache's TTL is measured on it, never waited for."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 class CountingStore(MemoryKeyStore):
@@ -41,12 +53,17 @@ async def test_is_a_key_store() -> None:
 async def test_hits_and_misses_are_cached_until_the_ttl() -> None:
     inner = CountingStore()
     await inner.create(make_key(1))
-    cache = CachedKeyStore(inner, ttl=TTL)
+    clock = Clock()
+    cache = CachedKeyStore(inner, ttl=TTL, clock=clock)
     for _ in range(5):
         assert await cache.get_by_hash("hash_1") == make_key(1)
         assert await cache.get_by_hash("missing") is None
+        clock.advance(TTL / 10)
     assert inner.lookups == 2
-    await anyio.sleep(TTL + 0.05)
+    clock.advance(TTL / 2 - 0.001)  # just under the TTL since the first lookup: still cached
+    assert await cache.get_by_hash("hash_1") == make_key(1)
+    assert inner.lookups == 2
+    clock.advance(0.001)  # the TTL is reached: both entries are stale
     assert await cache.get_by_hash("hash_1") == make_key(1)
     assert await cache.get_by_hash("missing") is None
     assert inner.lookups == 4
@@ -54,11 +71,13 @@ async def test_hits_and_misses_are_cached_until_the_ttl() -> None:
 
 async def test_a_miss_is_cached_so_a_key_created_elsewhere_appears_within_the_ttl() -> None:
     inner = CountingStore()
-    cache = CachedKeyStore(inner, ttl=TTL)
+    clock = Clock()
+    cache = CachedKeyStore(inner, ttl=TTL, clock=clock)
     assert await cache.get_by_hash("hash_1") is None
     await inner.create(make_key(1))  # another process
+    clock.advance(TTL - 0.001)
     assert await cache.get_by_hash("hash_1") is None
-    await anyio.sleep(TTL + 0.05)
+    clock.advance(0.001)
     assert await cache.get_by_hash("hash_1") == make_key(1)
 
 
@@ -85,15 +104,15 @@ async def test_writes_through_the_cache_are_seen_at_once() -> None:
 async def test_a_revoke_on_the_inner_store_is_seen_only_after_the_ttl() -> None:
     inner = MemoryKeyStore()
     await inner.create(make_key(1))
-    cache = CachedKeyStore(inner, ttl=TTL)
+    clock = Clock()
+    cache = CachedKeyStore(inner, ttl=TTL, clock=clock)
     assert await cache.get_by_hash("hash_1") == make_key(1)
     await inner.revoke("key_1", 100)  # e.g. another worker
+    clock.advance(TTL - 0.001)
     stale = await cache.get_by_hash("hash_1")
     assert stale is not None
     assert stale.revoked_at is None
-    deadline = time.monotonic() + TTL + 0.05
-    await anyio.sleep(TTL + 0.05)
-    assert time.monotonic() >= deadline
+    clock.advance(0.001)
     fresh = await cache.get_by_hash("hash_1")
     assert fresh is not None
     assert fresh.revoked_at == 100

@@ -19,6 +19,7 @@ __all__ = [
     "ENV_SECRET",
     "MIN_SECRET_BYTES",
     "PrivateFiles",
+    "load_secret",
     "resolve_secret",
     "secret_for_workers",
     "secret_path",
@@ -113,6 +114,21 @@ def resolve_secret(secret_file: str | None = None, *, create: bool) -> str:
         if _create_secret_file(path):
             print(f"{PROG}: created a new key-hashing secret in {path} (mode 0600); keep it safe", file=sys.stderr)
     return _read_secret_file(path)
+
+
+def load_secret(secret_file: str | os.PathLike[str] | None = None) -> str:
+    """The key-hashing secret the ``ozwell-asgi`` commands use, for an app that mounts :class:`OzwellAPI` itself
+    over the same key store: ``OzwellAPI(key_store=..., secret=load_secret())``.
+
+    Resolved exactly as the commands resolve it: ``secret_file`` (their ``--secret-file``) if given, else
+    ``OZWELL_SECRET`` if set, else the file ``OZWELL_SECRET_FILE`` names, else ``./ozwell.secret``. Whitespace around
+    the secret (a file's trailing newline) is ignored, as the commands ignore it, so keys they made authenticate.
+    Never creates a secret: ``ValueError`` when there is none, or it is shorter than 16 bytes.
+    """
+    try:
+        return resolve_secret(None if secret_file is None else os.fspath(secret_file), create=False)
+    except CLIError as exc:
+        raise ValueError(str(exc)) from None
 
 
 class PrivateFiles:

@@ -35,13 +35,23 @@ from .settings import (
     ServerOptions,
     add_flag,
     resolve,
+    resolve_one,
     row,
     rows,
     source,
 )
 from .stores import aclose_quietly, check_store, open_store
 
-__all__ = ["add_serve_command", "app_from_env", "build_app", "build_backend", "cmd_serve", "describe_backend"]
+__all__ = [
+    "add_serve_command",
+    "app_from_env",
+    "build_app",
+    "build_backend",
+    "cmd_serve",
+    "describe_backend",
+    "describe_url",
+    "install_log_handler",
+]
 
 log = logging.getLogger("ozwell_asgi")
 
@@ -49,6 +59,10 @@ APP_FACTORY = "ozwell_asgi.cli:app_from_env"
 BACKEND = row(ServeConfig, "backend")
 UPSTREAM_KEY = row(ServeConfig, "upstream_key")
 LIMITER = row(ServeConfig, "limiter_url")
+LOG_LEVEL = row(ServerOptions, "log_level")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+_LEVELS = {"critical": logging.CRITICAL, "error": logging.ERROR, "warning": logging.WARNING, "info": logging.INFO}
+_LEVELS.update(debug=logging.DEBUG, trace=5)  # uvicorn's TRACE
 CLOSE_TIMEOUT_SECONDS = 5.0
 # What workers never inherit: secrets reach them as files (ServeConfig.to_env), or not at all.
 WITHHELD = (ENV_SECRET, *(v for item in rows(ServeConfig) if item.secret for v in (item.env, item.file_env)))
@@ -157,12 +171,29 @@ def file_content_url(files_url: str, given: str | None) -> str | None:
 def app_from_env() -> PrefixedApp:
     """uvicorn factory (``ozwell_asgi.cli:app_from_env``): the app configured by ``OZWELL_*`` variables.
 
-    ``serve --workers N`` sets them for its workers; each worker reads them once, at startup, and builds its own
-    backend from the same spec. The secret must exist already (a worker never makes one of its own, which would not
-    match the keys of the others).
+    ``serve --workers N`` and ``serve --reload`` set them for their server processes; each reads them once, at
+    startup, and builds its own backend from the same spec. The secret must exist already (a worker never makes one
+    of its own, which would not match the keys of the others). The ``ozwell_asgi`` logger gets serve's log handler
+    (:func:`install_log_handler`) at ``OZWELL_LOG_LEVEL``.
     """
+    install_log_handler(resolve_one(LOG_LEVEL))
     config = dataclasses.replace(resolve(ServeConfig), secret=resolve_secret(None, create=False))
     return build_app(config)
+
+
+def install_log_handler(level: str) -> bool:
+    """Give the ``ozwell_asgi`` logger a handler on stderr whose lines carry their time, level and logger
+    (``2026-01-01 12:00:00,123 WARNING ozwell_asgi.ratelimit: ...``), at ``level`` (a ``--log-level`` name), unless
+    logging is configured already: a handler on the root logger or on ``ozwell_asgi`` (a host's own) is left as it is
+    and nothing is added. True when the handler was installed."""
+    logger = logging.getLogger("ozwell_asgi")
+    if logger.handlers or logging.getLogger().handlers:
+        return False
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    logger.addHandler(handler)
+    logger.setLevel(_LEVELS.get(level, logging.INFO))
+    return True
 
 
 _PASSWORD = re.compile(r"(://[^/?#@\s:'\"]*:)[^/?#@\s'\"]+@")
@@ -171,6 +202,37 @@ _PASSWORD = re.compile(r"(://[^/?#@\s:'\"]*:)[^/?#@\s'\"]+@")
 def _redact(text: str) -> str:
     """``text`` with the password of every URL's user info in it replaced by ``***``."""
     return _PASSWORD.sub(r"\1***@", text)
+
+
+def describe_url(url: str) -> str:
+    """What a log line says of a storage URL: its scheme, host, port and path; never a password or a query."""
+    url = url.strip()
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.netloc:
+        return _redact(url.split("?", 1)[0].split("#", 1)[0])
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    user = f"{parts.username}@" if parts.username else ""
+    try:
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        port = ""
+    return f"{parts.scheme}://{user}{host}{port}{parts.path}"
+
+
+def _banner(server: ServerOptions, config: ServeConfig, content_url: str | None) -> str:
+    """The one line ``serve`` prints before it starts: where, what answers, and where keys, files and counters are."""
+    host = f"[{server.host}]" if ":" in server.host else server.host
+    workers = f", {server.workers} workers" if server.workers > 1 else ""
+    reload = ", reloading on code changes" if server.reload else ""
+    key = " with an upstream key" if config.upstream_key is not None else ""
+    files_url = config.files_url or config.store_url
+    files = describe_url(files_url) + (f" (bytes in {describe_url(content_url)})" if content_url else "")
+    return (
+        f"{PROG}: serving http://{host}:{server.port}/v1 on the backend {describe_backend(config.backend)}{key}"
+        f"{workers}{reload}; keys in {describe_url(config.store_url)}, files in {files}, rate limits in "
+        f"{describe_url(config.limiter_url)} (fail {config.on_limiter_error})"
+    )
 
 
 def describe_backend(spec: str) -> str:
@@ -224,7 +286,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise usage_error(f"{source(LIMITER, args.limiter_url)}: {exc}") from exc
     except ImportError as exc:
-        raise CLIError(f"{source(LIMITER, args.limiter_url)}: a driver is missing ({exc.name or exc})") from exc
+        raise CLIError(f"{source(LIMITER, args.limiter_url)}: {first_line(str(exc), 500)}") from exc
+    if server.reload and server.workers > 1:
+        raise usage_error("--reload runs one server process: it cannot be used with --workers")
     files_url = config.files_url or config.store_url
     if config.files_url is not None:
         open_store(files_url)
@@ -258,25 +322,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
                 "gets up to N times its budget; use --limiter redis://... for shared limits"
             )
         if server.log_level in ("info", "debug", "trace"):
-            host = f"[{server.host}]" if ":" in server.host else server.host
-            workers = f", {server.workers} workers" if server.workers > 1 else ""
-            key = " with an upstream key" if config.upstream_key is not None else ""
-            print(
-                f"{PROG}: serving http://{host}:{server.port}/v1 on the backend "
-                f"{describe_backend(config.backend)}{key}{workers}",
-                file=sys.stderr,
-            )
-        if server.workers > 1:
+            print(_banner(server, config, content), file=sys.stderr)
+        install_log_handler(server.log_level)
+        if server.workers > 1 or server.reload:
             handed_over = True
-            _close_now(backend)  # it was built to check the spec: each worker builds its own
+            _close_now(backend)  # it was built to check the spec: each server process builds its own
             with contextlib.ExitStack() as cleanup:
                 private = PrivateFiles(cleanup)
                 secret_file = secret_for_workers(args.secret_file, config.secret, private)
                 exported = dataclasses.replace(config, secret_file=secret_file).to_env(private.write)
+                exported[LOG_LEVEL.env] = server.log_level
                 for name in WITHHELD:  # workers inherit this environment: no secret stays in it
                     os.environ.pop(name, None)
                 os.environ.update(exported)
-                uvicorn.run(APP_FACTORY, factory=True, workers=server.workers, **options)
+                if server.reload:
+                    uvicorn.run(APP_FACTORY, factory=True, reload=True, **options)
+                else:
+                    uvicorn.run(APP_FACTORY, factory=True, workers=server.workers, **options)
         else:
             app = build_app(config, backend)
             handed_over = True  # the app closes it at shutdown

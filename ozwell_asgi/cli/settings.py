@@ -226,7 +226,8 @@ class Setting:
     """One row of the table. ``name`` and ``flag`` (``--`` and the name, dashed, unless given) are filled in from
     the field. A ``secret`` is never shown, in help or errors, and may also come from the file named by the
     variable ``<env>_FILE``; workers get it only that way. A ``repeat`` flag may be given several times, its values
-    joined with commas (its variable holds them comma-separated)."""
+    joined with commas (its variable holds them comma-separated). ``fallback``, when set, is what the help says
+    applies without the flag (instead of "the variable, or the default")."""
 
     env: str
     default: Any
@@ -237,6 +238,7 @@ class Setting:
     secret: bool = False
     name: str = ""
     repeat: bool = False
+    fallback: str = ""
 
     @property
     def file_env(self) -> str:
@@ -263,9 +265,12 @@ def setting(
     metavar: str | None = None,
     secret: bool = False,
     repeat: bool = False,
+    fallback: str = "",
 ) -> Any:
     """A dataclass field that is a row of the table (typed ``Any`` so that it fits the field's annotation)."""
-    item = Setting(env_name, default, kind, help, flag=flag, metavar=metavar, secret=secret, repeat=repeat)
+    item = Setting(
+        env_name, default, kind, help, flag=flag, metavar=metavar, secret=secret, repeat=repeat, fallback=fallback
+    )
     return dataclasses.field(default=default, repr=not secret, metadata={"setting": item})
 
 
@@ -298,8 +303,12 @@ def check(instance: object) -> None:
 
 def add_flag(parser: argparse.ArgumentParser, item: Setting) -> None:
     """Add ``item``'s flag to ``parser``: its value is stored under ``item.name``, ``None`` when not given."""
-    fallback = f"${item.env}, else the file ${item.file_env} names," if item.secret else f"${item.env}"
-    text = f"{item.help} (default: {fallback} or {item.shown_default()})".replace("%", "%%")
+    if item.fallback:
+        text = f"{item.help} (default: {item.fallback})"
+    else:
+        fallback = f"${item.env}, else the file ${item.file_env} names," if item.secret else f"${item.env}"
+        text = f"{item.help} (default: {fallback} or {item.shown_default()})"
+    text = text.replace("%", "%%")
     if isinstance(item.kind, Switch):
         parser.add_argument(item.flag, dest=item.name, action=argparse.BooleanOptionalAction, default=None, help=text)
         return
@@ -384,6 +393,12 @@ class ServerOptions:
     workers: int = setting("OZWELL_WORKERS", 1, Integer(1), "worker processes, each serving the same app", metavar="N")
     log_level: str = setting("OZWELL_LOG_LEVEL", "info", Choice(LOG_LEVELS), "uvicorn's log level")
     access_log: bool = setting("OZWELL_ACCESS_LOG", True, SWITCH, "uvicorn's access log, a line per request")
+    reload: bool = setting(
+        "OZWELL_RELOAD",
+        False,
+        SWITCH,
+        "restart the server when a .py file under the working directory changes (development; one worker)",
+    )
 
     def __post_init__(self) -> None:
         check(self)
@@ -480,8 +495,11 @@ class ServeConfig:
         "OZWELL_SECRET_FILE",
         "./ozwell.secret",
         TEXT,
-        "key-hashing secret file; this flag wins over $OZWELL_SECRET, which wins over $OZWELL_SECRET_FILE",
+        "the key-hashing secret's file, its contents stripped of surrounding whitespace; given, it wins over "
+        "$OZWELL_SECRET",
         metavar="PATH",
+        fallback="$OZWELL_SECRET, the secret itself, if set; else the file $OZWELL_SECRET_FILE names; else "
+        "./ozwell.secret, which serve and keys create create when missing",
     )
     secret: str = dataclasses.field(default="", repr=False)
 

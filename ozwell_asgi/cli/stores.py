@@ -26,6 +26,8 @@ def open_store(url: str) -> KeyStore:
         return key_store_from_url(url)
     except ValueError as exc:
         raise usage_error(str(exc)) from exc
+    except ImportError as exc:  # a driver that is not installed: the message names the extra to install
+        raise CLIError(f"--store: {first_line(str(exc), 500)}") from exc
     except Exception as exc:  # e.g. SQLAlchemy's ArgumentError for a malformed URL; never echo the URL itself
         raise usage_error(f"invalid key store URL ({type(exc).__name__})") from exc
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from ..protocols import KeyStore
 from ..types import APIKey, Page, PageQuery
@@ -18,10 +19,18 @@ class CachedKeyStore:
     ``ttl`` seconds old, so a change made through another process (a revoke, say) is seen within ``ttl``; a
     ``create``, ``revoke`` or ``rotate`` made through this instance is seen by it at once. ``ttl=0`` disables
     caching (every call goes to ``inner``). A hit is a dict lookup and a clock read: no I/O, no lock.
-    Every other method passes through, with ``inner``'s atomicity.
+    Every other method passes through, with ``inner``'s atomicity. ``clock`` (seconds, monotonic; the attribute
+    ``clock``) measures the TTL; tests may inject one.
     """
 
-    def __init__(self, inner: KeyStore, ttl: float = 5.0, max_entries: int = 10_000) -> None:
+    def __init__(
+        self,
+        inner: KeyStore,
+        ttl: float = 5.0,
+        max_entries: int = 10_000,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         if ttl < 0:
             raise ValueError("ttl must be >= 0")
         if max_entries < 1:
@@ -29,6 +38,7 @@ class CachedKeyStore:
         self.inner = inner
         self.ttl = ttl
         self.max_entries = max_entries
+        self.clock = clock
         self._entries: OrderedDict[str, tuple[float, APIKey | None]] = OrderedDict()
         # Bumped by every write through this instance: a lookup that was in flight across a write does not
         # cache its (possibly older) answer.
@@ -39,7 +49,7 @@ class CachedKeyStore:
 
     def _put(self, key_hash: str, value: APIKey | None) -> None:
         entries = self._entries
-        entries[key_hash] = (time.monotonic() + self.ttl, value)
+        entries[key_hash] = (self.clock() + self.ttl, value)
         entries.move_to_end(key_hash)
         while len(entries) > self.max_entries:
             entries.popitem(last=False)
@@ -60,7 +70,7 @@ class CachedKeyStore:
             return await self.inner.get_by_hash(key_hash)
         entry = self._entries.get(key_hash)
         if entry is not None:
-            if entry[0] > time.monotonic():
+            if entry[0] > self.clock():
                 self._entries.move_to_end(key_hash)
                 return entry[1]
             del self._entries[key_hash]

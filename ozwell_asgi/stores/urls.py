@@ -26,6 +26,7 @@ __all__ = [
     "create_private_sqlite_file",
     "sqlite_path",
     "key_store_from_url",
+    "missing_driver",
     "open_storage",
     "register_storage",
 ]
@@ -159,6 +160,29 @@ for _scheme in _REDIS_SCHEMES:
     register_storage(_scheme, _redis)
 
 
+# The optional drivers, by top-level module: the extra of ozwell-asgi that installs each.
+DRIVER_EXTRAS = {"asyncpg": "postgres", "redis": "redis", "obstore": "s3"}
+
+
+def missing_driver(exc: ImportError, what: str) -> ImportError:
+    """``exc`` (an optional driver that is not installed) as an ``ImportError`` whose message says which extra to
+    install; ``exc`` itself when the missing module is not one of :data:`DRIVER_EXTRAS`. ``what`` names what needed
+    it ("the postgresql storage")."""
+    cause: BaseException | None = exc
+    while cause is not None:
+        name = getattr(cause, "name", None) or ""
+        module = name.split(".")[0]
+        extra = DRIVER_EXTRAS.get(module)
+        if extra is not None:
+            return ImportError(
+                f"{what} needs {module}, which is not installed: install ozwell-asgi[{extra}] "
+                f'(pip install -e ".[{extra}]" in a checkout, or pip install {module})',
+                name=name,
+            )
+        cause = cause.__cause__
+    return exc
+
+
 def _scheme_of(url: str) -> str:
     scheme, sep, _ = url.partition("://")
     return scheme.lower() if sep else ""
@@ -178,7 +202,13 @@ def open_storage(url: str, options: StorageOptions | None = None) -> Storage:
     factory = _REGISTRY.get(scheme)
     if factory is None:
         raise _unsupported(scheme, "storage")
-    return factory(url, options or StorageOptions())
+    try:
+        return factory(url, options or StorageOptions())
+    except ImportError as exc:
+        error = missing_driver(exc, f"the {scheme} storage")
+        if error is exc:
+            raise
+        raise error from exc
 
 
 class Storages:
@@ -234,16 +264,22 @@ def key_store_from_url(url: str, *, redis_prefix: str = "ozwell:") -> KeyStore:
     """
     url = url.strip()
     scheme = _scheme_of(url)
-    if scheme == "memory":
-        from .memory import MemoryKeyStore
+    try:
+        if scheme == "memory":
+            from .memory import MemoryKeyStore
 
-        return MemoryKeyStore()
-    if scheme in _SQL_SCHEMES:
-        from .sql import SQLKeyStore
+            return MemoryKeyStore()
+        if scheme in _SQL_SCHEMES:
+            from .sql import SQLKeyStore
 
-        return SQLKeyStore.from_url(url)
-    if scheme in _REDIS_SCHEMES:
-        from .redis import RedisKeyStore
+            return SQLKeyStore.from_url(url)
+        if scheme in _REDIS_SCHEMES:
+            from .redis import RedisKeyStore
 
-        return RedisKeyStore.from_url(url, prefix=redis_prefix)
+            return RedisKeyStore.from_url(url, prefix=redis_prefix)
+    except ImportError as exc:
+        error = missing_driver(exc, f"the {scheme} key store")
+        if error is exc:
+            raise
+        raise error from exc
     raise _unsupported(scheme, "key store")
