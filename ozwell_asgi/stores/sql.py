@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import sqlalchemy as sa
@@ -39,6 +39,9 @@ from ..errors import ServiceUnavailableError
 from ..protocols import ContentStore
 from ..types import APIKey, Page, PageQuery, StoredFile
 from .outage import unavailable_on
+
+if TYPE_CHECKING:
+    from .passages import SQLPassageIndex
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -272,6 +275,13 @@ class SQLDatabase:
         """Dispose of the engine's pool if this instance created the engine; otherwise do nothing."""
         if self.owns_engine:
             await self.engine.dispose()
+
+    def passage_index(self, **options: Any) -> SQLPassageIndex:
+        """The passage index of ``include_sources`` on this database (sharing its pool; its own tables);
+        ``options`` are :class:`~ozwell_asgi.stores.passages.SQLPassageIndex`'s."""
+        from .passages import SQLPassageIndex
+
+        return SQLPassageIndex(self, **options)
 
 
 def _id_order(column: sa.ColumnElement[Any], db: SQLDatabase) -> sa.ColumnElement[Any]:
