@@ -107,18 +107,20 @@ class PassageText:
 class SourceLimits:
     """The caps of :class:`FileSources`, each bounding what one ``find`` may make the server do.
 
-    ``passage_chars``: longest passage (characters; 1,200, about 300 tokens), ``overlap_chars``: text a passage of
-    prose repeats from the end of the previous one (whole paragraphs, lines, sentences or words, at most this
-    many characters; records and rows never overlap). ``max_passages_per_file``: passages kept of one file (the
-    rest of it is not searched). ``max_files``: files of an owner considered, newest first (100);
-    ``max_listed``: files listed to find them (1,000: an owner with more files than this has only the newest
-    searched); ``max_file_bytes``: bytes read of one file (4 MiB; a longer text is searched in its first 4 MiB, a
-    larger PDF is skipped, since a PDF cut short cannot be read); ``max_total_bytes``: bytes of all considered
-    files together (32 MiB; a file that would pass it is left out). ``embed_batch``: passages per ``embed`` call.
-    ``max_query_chars``: characters of the query embedded (its start). ``max_results``: most sources one ``find``
-    returns, whatever ``limit`` asks.
+    - ``passage_chars``: longest passage, in characters (1,200, about 300 tokens).
+    - ``overlap_chars``: text a passage of prose repeats from the end of the previous one: whole paragraphs, lines,
+      sentences or words, at most this many characters and at most half a passage (records and rows never overlap).
+    - ``max_passages_per_file``: passages kept of one file (1,000; the rest of it is not searched).
+    - ``max_files``: files of an owner considered, newest first (100).
+    - ``max_listed``: files listed to find them (1,000: past that, only the newest are looked at).
+    - ``max_file_bytes``: bytes read of one file (4 MiB): a longer text is searched in its first 4 MiB; a larger
+      PDF is skipped, since a PDF cut short cannot be read.
+    - ``max_total_bytes``: bytes of all considered files together (32 MiB; a file that would pass it is left out).
+    - ``embed_batch``: passages per ``embed`` call (64).
+    - ``max_query_chars``: characters of the query embedded (its first 8,000).
+    - ``max_results``: most sources one ``find`` returns, whatever ``limit`` asks (20).
 
-    So an owner's index holds at most ``max_files * max_passages_per_file`` passages (100,000) and in practice
+    So an owner's index holds at most ``max_files * max_passages_per_file`` passages (100,000), and in practice
     about ``max_total_bytes / (passage_chars - overlap_chars)`` (~34,000): that is what one search scores.
     """
 
@@ -147,8 +149,8 @@ class SourceLimits:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"SourceLimits.{name} must be >= 1")
-        if not 0 <= self.overlap_chars < self.passage_chars:
-            raise ValueError("SourceLimits.overlap_chars must be >= 0 and < passage_chars")
+        if self.overlap_chars < 0:
+            raise ValueError("SourceLimits.overlap_chars must be >= 0")
         if self.embed_batch > MAX_INPUTS:
             raise ValueError(f"SourceLimits.embed_batch must be at most {MAX_INPUTS}")
 
@@ -279,11 +281,12 @@ def _pack(units: Iterable[str], size: int, overlap: int, limit: int, prefix: str
 def split_text(text: str, *, size: int = 1200, overlap: int = 200, limit: int = 1000) -> list[str]:
     """Prose cut into at most ``limit`` passages of at most ``size`` characters, by paragraphs (then lines,
     sentences, words) so that no passage starts or ends mid-word unless a word is longer than ``size``; each
-    passage repeats up to ``overlap`` characters of whole pieces from the end of the previous one. NUL characters
-    are dropped and whitespace at a passage's ends is trimmed; blank text gives no passage."""
-    if size < 1 or not 0 <= overlap < size:
-        raise ValueError("size must be >= 1 and 0 <= overlap < size")
-    return _pack(_units(text.replace("\x00", ""), size), size, overlap, limit)
+    passage repeats whole pieces from the end of the previous one, up to ``overlap`` characters and at most half a
+    passage. NUL characters are dropped and whitespace at a passage's ends is trimmed; blank text gives no passage.
+    """
+    if size < 1 or overlap < 0:
+        raise ValueError("size must be >= 1 and overlap >= 0")
+    return _pack(_units(text.replace("\x00", ""), size), size, min(overlap, size // 2), limit)
 
 
 def split_records(
@@ -299,10 +302,7 @@ def split_records(
         prefix = header.replace("\x00", "").strip()[: size // 2 - 1] + "\n"
     room = size - len(prefix)
     units = (
-        unit
-        for record in records
-        if (line := record.replace("\x00", "").strip())
-        for unit in _units(line + "\n", room)
+        unit for record in records if (line := record.replace("\x00", "").strip()) for unit in _units(line + "\n", room)
     )
     return _pack(units, size, 0, limit, prefix)
 

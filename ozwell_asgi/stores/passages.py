@@ -63,20 +63,18 @@ def unit_vectors(vectors: Sequence[Sequence[float]] | Matrix) -> Matrix:
 
 
 def _query(vector: Sequence[float]) -> Matrix | None:
-    """The query as a unit float32 vector, or ``None`` if it is empty or not finite."""
+    """The query as a unit float32 vector, or ``None`` if it is empty, zero (no direction to rank by) or not
+    finite."""
     array = np.asarray(vector, dtype=np.float32).reshape(-1)
     if array.size == 0 or not bool(np.all(np.isfinite(array))):
         return None
     norm = float(np.linalg.norm(array))
-    return array / norm if norm else array
+    return array / norm if norm else None
 
 
 def _best(scores: Matrix, limit: int) -> npt.NDArray[np.intp]:
     """Indices of the ``limit`` highest ``scores``, highest first (ties by position)."""
-    if scores.size > limit:
-        top = np.argpartition(-scores, limit - 1)[:limit]
-    else:
-        top = np.arange(scores.size)
+    top = np.argpartition(-scores, limit - 1)[:limit] if scores.size > limit else np.arange(scores.size)
     order: npt.NDArray[np.intp] = top[np.lexsort((top, -scores[top]))]
     return order
 
