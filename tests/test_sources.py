@@ -652,3 +652,30 @@ async def test_the_app_refuses_sources_it_cannot_serve() -> None:
         OzwellAPI(secret=SECRET, backend=ChatOnly(), sources_model="x")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="needs a file store"):
         OzwellAPI(secret=SECRET, file_store=None, sources_model="echo-embedding")
+
+
+async def test_serve_keeps_passages_in_the_file_stores_database(tmp_path: Path) -> None:
+    """What ``serve --sources-model echo-embedding`` builds: FileSources on the echo backend, its passages in the
+    SQLite database that holds the files (one engine), and nothing of the kind without the flag."""
+    from ozwell_asgi.cli.serve import build_app
+    from ozwell_asgi.cli.settings import ServeConfig
+
+    store = f"sqlite:///{tmp_path / 'ozwell.db'}"
+    config = ServeConfig(store_url=store, secret="s" * 32, sources_model="echo-embedding")
+    app = build_app(config)
+    sources = app.api.services.sources
+    assert isinstance(sources, FileSources) and sources.model == "echo-embedding"
+    assert isinstance(sources.index, SQLPassageIndex)
+    assert sources.index.db is app.api.services.files.db  # type: ignore[union-attr]
+    _, key = await app.api.keys.create(name="t", owner="o")
+    client = async_openai(app, key, max_retries=0)
+    created = await client.files.create(file=("a.txt", b"The answer is forty-two."), purpose="user_data")
+    [found] = await sources.find(principal("o"), "The answer is forty-two.", call("o"), 1)
+    assert (found.file_id, found.score) == (created.id, pytest.approx(1.0, abs=1e-6))
+    await client.close()
+    await app.api.aclose()
+    await app.limiter.aclose()
+    plain = build_app(ServeConfig(store_url=store, secret="s" * 32))
+    assert plain.api.services.sources is None
+    await plain.api.aclose()
+    await plain.limiter.aclose()
