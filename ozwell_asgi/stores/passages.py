@@ -417,10 +417,15 @@ class SQLPassageIndex:
         self, owner: str, model: str, keys: list[tuple[str, int]], scores: list[float]
     ) -> list[tuple[Passage, float]]:
         p = self._p
-        wanted = sa.or_(*(sa.and_(p.c.file_id == file_id, p.c.ordinal == ordinal) for file_id, ordinal in keys))
-        stmt = sa.select(p.c.file_id, p.c.ordinal, p.c.page, p.c.text).where(
-            p.c.owner == owner, p.c.model == model, wanted
+        # Each winner by its whole primary key: SQLite and PostgreSQL look them up one by one (a MULTI-INDEX OR, a
+        # BitmapOr), where row values in an IN list would be a scan on SQLite.
+        wanted = sa.or_(
+            *(
+                sa.and_(p.c.owner == owner, p.c.file_id == file_id, p.c.model == model, p.c.ordinal == ordinal)
+                for file_id, ordinal in keys
+            )
         )
+        stmt = sa.select(p.c.file_id, p.c.ordinal, p.c.page, p.c.text).where(wanted)
         with _errors():
             async with self.db.engine.connect() as conn:
                 found: dict[tuple[str, int], Any] = {(r[0], r[1]): r for r in await conn.execute(stmt)}
