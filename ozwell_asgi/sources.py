@@ -456,7 +456,7 @@ class FileSources:
         await self._check_model()
         owner = principal.owner
         considered = await self._considered(owner)
-        await self.refresh(owner, call, considered)
+        await self._refresh(owner, call, considered)
         if not considered:
             return []
         [vector] = await self._embed([query], call)
@@ -470,10 +470,12 @@ class FileSources:
             sources.append(Source(passage.file_id, entry.file.filename, passage.page, passage.text, score))
         return sources
 
-    async def refresh(self, owner: str, call: Call, considered: Mapping[str, _Considered] | None = None) -> int:
-        """Bring ``owner``'s passages up to date (what ``find`` does first); how many files were indexed."""
-        if considered is None:
-            considered = await self._considered(owner)
+    async def refresh(self, owner: str, call: Call) -> int:
+        """Bring ``owner``'s passages up to date (what ``find`` does first, e.g. to index ahead of the first
+        question); how many files were indexed."""
+        return await self._refresh(owner, call, await self._considered(owner))
+
+    async def _refresh(self, owner: str, call: Call, considered: Mapping[str, _Considered]) -> int:
         async with self._locks((owner, self.model)):
             held = await self.index.fingerprints(owner, self.model)
             for file_id in held.keys() - considered.keys():

@@ -496,6 +496,9 @@ async def test_each_file_is_embedded_once_even_by_concurrent_finds(store: Memory
     await finder.find(principal("alice"), "subject8", call(), 3)
     assert len(backend.inputs) == expected + 5  # nothing indexed again: only the query
     assert finder._locks._locks == {}  # no lock left behind
+    await put(store, "alice", "file-c", "c.md", b"A third file.")
+    assert await finder.refresh("alice", call()) == 1  # indexing ahead of a question: only the new file
+    assert backend.inputs[-1] == "A third file."
 
 
 async def test_two_processes_share_a_sql_index(tmp_path: Path, store: MemoryFileStore) -> None:
