@@ -33,10 +33,20 @@ from .cors import DEFAULT_MAX_AGE, CORSPolicy
 from .errors import MethodNotAllowedError, NotFoundError, OzwellError, internal_error
 from .health import Health
 from .hostauth import HostAuth, HostAuthenticator
-from .protocols import ChatBackend, EmbeddingBackend, FileStore, KeyStore, RateLimiter, ResponseStore
+from .protocols import (
+    ChatBackend,
+    EmbeddingBackend,
+    FileStore,
+    KeyStore,
+    PassageIndex,
+    RateLimiter,
+    ResponseStore,
+    SourceFinder,
+)
 from .ratelimit import DEFAULT_PLANS, LimitsRateLimiter, Plan
 from .responses import error_response
 from .routes import ROUTES, Handler, RouteRow
+from .sources import FileSources, SourceLimits
 from .stores.cache import CachedKeyStore
 from .stores.urls import Storages
 from .tokens import Tokenizer, default_tokenizer
@@ -191,6 +201,14 @@ class OzwellAPI:
     ``cors_origins`` are the browser origins that may call the API (exact, ``https://*.example.com``, or ``*``):
     preflights are answered for them alone and every answer to them carries CORS headers; ``cors_max_age`` is how
     long a browser may cache a preflight (seconds).
+
+    ``sources_model`` (an embedding model of ``backend``) turns on ``include_sources`` on /responses: the caller's
+    owner's text files are embedded with it when first needed and searched (:class:`~ozwell_asgi.sources.FileSources`,
+    within ``source_limits``; see docs/sources.md). It needs a backend that embeds and a file store (else
+    ``ValueError``); the model itself is checked on first use. ``passage_index`` keeps the passages: an instance
+    (:class:`~ozwell_asgi.protocols.PassageIndex`) or a storage URL (``memory://``, ``sqlite:///…``,
+    ``postgresql://…``); by default the file store's storage when it was given as a SQL or memory URL, else this
+    process's memory.
     """
 
     def __init__(
@@ -211,6 +229,9 @@ class OzwellAPI:
         cors_origins: Iterable[str] | str = (),
         cors_max_age: int = DEFAULT_MAX_AGE,
         on_usage: UsageHook | Iterable[UsageHook] | None = None,
+        sources_model: str | None = None,
+        passage_index: PassageIndex | str | None = None,
+        source_limits: SourceLimits | None = None,
     ) -> None:
         if on_limiter_error not in ("closed", "open"):
             raise ValueError("on_limiter_error must be 'closed' or 'open'")
@@ -218,6 +239,7 @@ class OzwellAPI:
         self._owned: list[Any] = []
         storages = Storages()  # one storage per URL, closed by aclose
         self._owned.append(storages)
+        files_url = file_store if isinstance(file_store, str) else None
         if isinstance(file_store, str):
             file_store = storages.file_store(file_store)
         self.file_store: FileStore | None = file_store
@@ -277,6 +299,10 @@ class OzwellAPI:
             self.services.background = BackgroundRuns(settings.max_background_responses)
             self._owned.append(self.services.background)
         self.health = Health(self._health_components(key_store))
+        if sources_model is not None:
+            self.services.sources = self._sources(
+                sources_model, served.embeddings, file_store, passage_index, files_url, storages, source_limits
+            )
         has = {
             "chat": served.chat is not None,
             "embeddings": served.embeddings is not None,
@@ -289,6 +315,33 @@ class OzwellAPI:
             if row.capability is None or has[row.capability]
         )
         self._started = False
+
+    @staticmethod
+    def _sources(
+        model: str,
+        embeddings: EmbeddingBackend | None,
+        files: FileStore | None,
+        index: PassageIndex | str | None,
+        files_url: str | None,
+        storages: Storages,
+        limits: SourceLimits | None,
+    ) -> SourceFinder:
+        if embeddings is None:
+            raise ValueError("sources_model needs a backend that serves embeddings")
+        if files is None:
+            raise ValueError("sources_model needs a file store (file_store=None serves no files to search)")
+        found: PassageIndex | None = None
+        if isinstance(index, str):
+            make = getattr(storages.open(index), "passage_index", None)
+            if make is None:
+                raise ValueError("the passage_index storage keeps no passage index (use memory:// or a SQL URL)")
+            found = make()
+        elif index is not None:
+            found = index
+        elif files_url is not None:  # the file store's storage, if it keeps one; else this process's memory
+            make = getattr(storages.open(files_url), "passage_index", None)
+            found = make() if make is not None else None
+        return FileSources(files, embeddings, model, found, limits=limits)
 
     # -- lifecycle --------------------------------------------------------------------------------------------
 

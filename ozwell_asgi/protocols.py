@@ -12,7 +12,7 @@ that never runs a sub-application's lifespan.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Sequence
+from collections.abc import AsyncIterable, AsyncIterator, Collection, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from .types import (
@@ -33,6 +33,7 @@ from .types import (
 )
 
 if TYPE_CHECKING:
+    from .sources import Passage
     from .wire.chat import ChatCompletionRequest
     from .wire.embeddings import EmbeddingRequest
 
@@ -44,6 +45,7 @@ __all__ = [
     "FileStore",
     "KeyStore",
     "ModelCatalog",
+    "PassageIndex",
     "RateLimiter",
     "ResponseStore",
     "SourceFinder",
@@ -235,3 +237,49 @@ class SourceFinder(Protocol):
     embeds the owner's text files when first needed and searches them by cosine similarity."""
 
     async def find(self, principal: Principal, query: str, call: Call, limit: int) -> Sequence[Source]: ...
+
+
+@runtime_checkable
+class PassageIndex(Protocol):
+    """Embedded passages of files, by owner and embedding model: what :class:`ozwell_asgi.sources.FileSources`
+    searches. Vectors are compared by cosine similarity (adapters keep them unit-length, as float32).
+
+    Guarantees every adapter passes (the contract in tests/test_sources.py): every method is scoped by ``owner``
+    (another owner's passages are never returned, listed or removed); ``add`` replaces what the index held for
+    that file and model, all or nothing, and is idempotent (two processes adding one file leave one copy); a file
+    added with no passages is still remembered with its fingerprint. Bounded adapters may forget files (the memory
+    index past its size cap): a forgotten file is simply not indexed, and is indexed again when next needed.
+    """
+
+    async def fingerprints(self, owner: str, model: str) -> Mapping[str, str]:
+        """``file_id`` → fingerprint of every file of ``owner`` indexed for ``model``."""
+        ...
+
+    async def add(
+        self,
+        owner: str,
+        model: str,
+        file_id: str,
+        fingerprint: str,
+        passages: Sequence[Passage],
+        vectors: Sequence[Sequence[float]],
+    ) -> None:
+        """Keep ``passages`` (of ``file_id``, one vector each, in order) under ``fingerprint``, replacing what was
+        held for that file and model."""
+        ...
+
+    async def search(
+        self,
+        owner: str,
+        model: str,
+        vector: Sequence[float],
+        limit: int,
+        file_ids: Collection[str] | None = None,
+    ) -> list[tuple[Passage, float]]:
+        """The ``limit`` passages of ``owner`` (of ``file_ids`` only, if given) most similar to ``vector``, with
+        their cosine similarity, best first. Vectors of another dimension than ``vector``'s score nothing."""
+        ...
+
+    async def delete_file(self, owner: str, file_id: str) -> None:
+        """Forget every passage of ``owner``'s ``file_id`` (every model); nothing held is not an error."""
+        ...

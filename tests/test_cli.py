@@ -495,6 +495,7 @@ SERVE_NAMES = [
     ("--limiter", "OZWELL_LIMITER_URL", "memory://"),
     ("--limiter-namespace", "OZWELL_LIMITER_NAMESPACE", "ozwell"),
     ("--key-cache-ttl", "OZWELL_KEY_CACHE_TTL", 5.0),
+    ("--sources-model", "OZWELL_SOURCES_MODEL", None),
     ("--on-limiter-error", "OZWELL_ON_LIMITER_ERROR", "closed"),
     ("--cors-origin", "OZWELL_CORS_ORIGINS", None),
     ("--secret-file", "OZWELL_SECRET_FILE", "./ozwell.secret"),
@@ -533,6 +534,7 @@ OTHER_VALUES: dict[str, tuple[str, object, list[str], object]] = {
     ),
     "limiter_namespace": ("env-ns", "env-ns", ["--limiter-namespace", "flag-ns"], "flag-ns"),
     "key_cache_ttl": ("0.5", 0.5, ["--key-cache-ttl", "0"], 0.0),
+    "sources_model": ("env-embed", "env-embed", ["--sources-model", "echo-embedding"], "echo-embedding"),
     "on_limiter_error": ("open", "open", ["--on-limiter-error", "closed"], "closed"),
     "cors_origins": (
         " https://App.Example.com/ ,*",
@@ -629,6 +631,7 @@ def test_the_app_settings_reach_workers_and_back_without_a_secret(
         limiter_url="redis://127.0.0.1:1/0",
         limiter_namespace="ns",
         key_cache_ttl=0.25,
+        sources_model="echo-embedding",
         on_limiter_error="open",
         cors_origins=("https://app.example.com", "https://*.example.org"),
         secret_file=str(tmp_path / "ozwell.secret"),

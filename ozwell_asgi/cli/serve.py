@@ -144,6 +144,10 @@ def build_app(config: ServeConfig, backend: object = None) -> PrefixedApp:
     storages = Storages()  # one engine or client per URL: keys and files on one URL share it
     files_url = config.files_url or config.store_url
     content_url = file_content_url(files_url, config.file_content_url)
+    passages = None
+    if config.sources_model is not None:  # the file store's database keeps the passages, if it can
+        make = getattr(storages.open(files_url), "passage_index", None)
+        passages = make() if make is not None else None
     api = OzwellAPI(
         backend=backend,  # type: ignore[arg-type]  # checked by build_backend
         key_store=storages.key_store(config.store_url),
@@ -153,6 +157,8 @@ def build_app(config: ServeConfig, backend: object = None) -> PrefixedApp:
         key_cache_ttl=config.key_cache_ttl,
         cors_origins=config.cors_origins or (),
         response_store=storages.response_store(config.responses_url or config.store_url),
+        sources_model=config.sources_model,
+        passage_index=passages,
     )
     return _ServedApp(api, limiter, backend, storages)
 

@@ -475,6 +475,14 @@ class ServeConfig:
         "how long a worker may still accept a key revoked elsewhere; 0 disables the cache",
         metavar="SECONDS",
     )
+    sources_model: str | None = setting(
+        "OZWELL_SOURCES_MODEL",
+        None,
+        TEXT,
+        "embedding model of the backend that include_sources searches the owner's files with (default: none, "
+        "include_sources is refused); passages are kept in the file store's database (memory for Redis)",
+        metavar="MODEL",
+    )
     on_limiter_error: str = setting(
         "OZWELL_ON_LIMITER_ERROR",
         "closed",

@@ -11,6 +11,7 @@ import logging
 from bisect import bisect_left, insort
 from collections import OrderedDict
 from collections.abc import AsyncIterable, AsyncIterator
+from typing import TYPE_CHECKING
 
 import anyio
 
@@ -19,6 +20,9 @@ from ..pages import paginate
 from ..protocols import ContentStore
 from ..types import APIKey, Page, PageQuery, StoredFile, StoredResponse
 from .response_codec import dump_parts, load_parts
+
+if TYPE_CHECKING:
+    from .passages import MemoryPassageIndex
 
 __all__ = ["MemoryContentStore", "MemoryFileStore", "MemoryKeyStore", "MemoryResponseStore", "MemoryStorage"]
 
@@ -352,6 +356,7 @@ class MemoryStorage:
         self._keys = MemoryKeyStore()
         self._files: dict[int, MemoryFileStore] = {}
         self._responses = MemoryResponseStore()
+        self._passages: MemoryPassageIndex | None = None
 
     def key_store(self) -> MemoryKeyStore:
         return self._keys
@@ -364,6 +369,14 @@ class MemoryStorage:
         if found is None or found.content is not content:
             found = self._files[id(content)] = MemoryFileStore(content=content)
         return found
+
+    def passage_index(self) -> MemoryPassageIndex:
+        """The passage index of ``include_sources`` in this storage (one per storage, made when first asked)."""
+        if self._passages is None:
+            from .passages import MemoryPassageIndex
+
+            self._passages = MemoryPassageIndex()
+        return self._passages
 
     async def aclose(self) -> None:
         """Nothing to close: the data lives as long as this object."""

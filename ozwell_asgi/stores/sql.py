@@ -24,7 +24,7 @@ import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager, contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import sqlalchemy as sa
@@ -42,6 +42,9 @@ from ..protocols import ContentStore
 from ..types import APIKey, Page, PageQuery, StoredFile, StoredResponse
 from .outage import unavailable_on
 from .response_codec import dump_parts, load_parts
+
+if TYPE_CHECKING:
+    from .passages import SQLPassageIndex
 
 __all__ = [
     "DEFAULT_CHUNK_SIZE",
@@ -315,6 +318,13 @@ class SQLDatabase:
         await self.ensure_tables()
         async with self.engine.connect() as conn:
             await conn.execute(sa.text("SELECT 1"))
+
+    def passage_index(self, **options: Any) -> SQLPassageIndex:
+        """The passage index of ``include_sources`` on this database (sharing its pool; its own tables);
+        ``options`` are :class:`~ozwell_asgi.stores.passages.SQLPassageIndex`'s."""
+        from .passages import SQLPassageIndex
+
+        return SQLPassageIndex(self, **options)
 
 
 def _add_missing_key_columns(conn: sa.Connection) -> None:
