@@ -131,6 +131,12 @@ class World:
             **kwargs,
         )
 
+    async def billed(self) -> list[UsageEvent]:
+        """The usage events of the billable calls (``POST /responses``) so far: every request emits one, delivered
+        off the response path, so the queue is flushed first."""
+        await self.api.usage.flush()
+        return [e for e in self.usage if e.endpoint == "responses"]
+
     async def setup(self) -> World:
         _, self.alice = await self.api.keys.create(name="alice", owner="alice", rpm=1000)
         _, self.alice2 = await self.api.keys.create(name="alice 2", owner="alice", rpm=1000)
@@ -563,8 +569,9 @@ async def test_background_run_is_polled_to_completion(world: World) -> None:
     done = await poll(client, queued.id, ENDED)
     check_response(done)
     assert done.status == "completed" and done.output_text == "reply 1 to in the background"
-    assert [e.status for e in world.usage] == [200]
-    assert world.usage[0].endpoint == "responses" and world.usage[0].completion_tokens == done.usage.output_tokens
+    billed = await world.billed()
+    assert [e.status for e in billed] == [200]
+    assert billed[0].endpoint == "responses" and billed[0].completion_tokens == done.usage.output_tokens
     # Cancelling an ended response answers it as it stands; a response not made in the background cannot be.
     assert (await client.responses.cancel(done.id)).status == "completed"
     plain = await client.responses.create(model="rec", input="foreground")
@@ -610,7 +617,7 @@ async def test_cancel_stops_the_backend_call_and_settles_its_meter(response_stor
     assert cancelled.status == "cancelled" and gate.closed  # the backend's generator was closed
     assert cancelled.output_text == "partial"  # what was generated stays
     assert (await client.responses.retrieve(queued.id)).status == "cancelled"
-    [event] = world.usage
+    [event] = await world.billed()
     assert event.status == 499 and event.completion_tokens == 1 and event.charged == event.prompt_tokens + 1
     assert (await client.responses.cancel(queued.id)).status == "cancelled"  # idempotent
     await client.close()
@@ -635,12 +642,12 @@ async def test_cancel_from_another_worker_marks_the_record(response_store: Respo
     gate.gate.set()  # the runner's next chunk comes: it looks, sees the mark, stops
     final = await poll(client_one, queued.id, frozenset({"cancelled"}))
     assert final.status == "cancelled"
-    for _ in range(1000):
-        if one.usage:
+    for _ in range(1000):  # the run settles its meter on the worker that ran it, once its task ends
+        if await one.billed():
             break
-        await asyncio.sleep(0)
-    [event] = one.usage
-    assert event.status == 499 and two.usage == []
+        await asyncio.sleep(0.005)
+    [event] = await one.billed()
+    assert event.status == 499 and await two.billed() == []
     assert (await client_two.responses.retrieve(queued.id)).status == "cancelled"
     for client in (client_one, client_two):
         await client.close()
@@ -658,7 +665,7 @@ async def test_closing_the_app_cancels_background_runs(response_store: ResponseS
     assert gate.closed
     record = await response_store.get("alice", queued.id)
     assert record is not None and record.status == "cancelled"
-    assert [e.status for e in world.usage] == [499]
+    assert [e.status for e in await world.billed()] == [499]
     await client.close()
 
 
@@ -671,7 +678,8 @@ async def test_background_cap(response_store: ResponseStore) -> None:
     with pytest.raises(openai.InternalServerError) as caught:
         await client.responses.create(model="gated", input="second", background=True)
     assert caught.value.status_code == 503
-    assert world.usage[-1].status == 503 and world.usage[-1].charged == 0
+    billed = await world.billed()
+    assert billed[-1].status == 503 and billed[-1].charged == 0
     gate.gate.set()
     await client.close()
     await world.api.aclose()
