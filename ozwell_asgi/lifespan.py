@@ -8,7 +8,7 @@ itself (the Django router).
 
 from __future__ import annotations
 
-import logging
+import traceback
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, AsyncExitStack, asynccontextmanager
 from typing import Any
@@ -16,8 +16,6 @@ from typing import Any
 from .types import Receive, Scope, Send
 
 __all__ = ["Lifespan", "combine_lifespans", "serve_lifespan"]
-
-log = logging.getLogger("ozwell_asgi")
 
 Lifespan = Callable[[Any], AbstractAsyncContextManager[Any]]
 """What Starlette and FastAPI take as ``lifespan=``: called with the app, it gives an async context manager."""
@@ -47,9 +45,9 @@ def combine_lifespans(*lifespans: Lifespan) -> Lifespan:
 
 async def serve_lifespan(lifespan: Lifespan, app: Any, scope: Scope, receive: Receive, send: Send) -> None:
     """Answer one ASGI ``lifespan`` connection with ``lifespan(app)``: entered on ``lifespan.startup``, exited on
-    ``lifespan.shutdown``. A failure is logged and answered ``lifespan.startup.failed`` or
-    ``lifespan.shutdown.failed`` (the server then stops, or reports it); state it yields goes to ``scope["state"]``
-    when the server supports lifespan state."""
+    ``lifespan.shutdown``. A failure is answered ``lifespan.startup.failed`` or ``lifespan.shutdown.failed``, its
+    traceback the message (for the server's log: the server then stops, or reports it), and raised; state it yields
+    goes to ``scope["state"]`` when the server supports lifespan state."""
     started = False
     message = await receive()
     if message["type"] != "lifespan.startup":  # pragma: no cover - the protocol always starts with it
@@ -61,9 +59,8 @@ async def serve_lifespan(lifespan: Lifespan, app: Any, scope: Scope, receive: Re
             await send({"type": "lifespan.startup.complete"})
             started = True
             await receive()  # lifespan.shutdown: the server sends nothing else
-    except Exception as exc:
+    except BaseException:
         phase = "shutdown" if started else "startup"
-        log.exception("the lifespan's %s failed", phase)
-        await send({"type": f"lifespan.{phase}.failed", "message": repr(exc)})
-        return
+        await send({"type": f"lifespan.{phase}.failed", "message": traceback.format_exc()})
+        raise  # as Starlette does: uvicorn reports the message; asgi-lifespan waits for the exception
     await send({"type": "lifespan.shutdown.complete"})
