@@ -34,6 +34,11 @@ ROOT = Path(__file__).resolve().parent.parent
 CHAT = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
 
 
+def started(app: Any) -> LifespanManager:
+    """asgi-lifespan's manager, patient: loading the tokenizer takes seconds on a busy machine."""
+    return LifespanManager(app, startup_timeout=120, shutdown_timeout=60)
+
+
 class CountingStorage(MemoryStorage):
     """``memory://`` that counts its closes (registered as ``closes-counted://``)."""
 
@@ -74,7 +79,7 @@ async def test_fastapi_wires_the_lifespan_in_one_line() -> None:
     api, storage = counted_api()
     host = FastAPI(lifespan=api.lifespan)
     host.mount("/v1", api)
-    async with LifespanManager(host):
+    async with started(host):
         assert api._started  # started by the host's lifespan, before any request
         assert api._loop_end is None  # and so not left to the loop's end
         _, key = await api.keys.create(name="k", owner="o")
@@ -120,7 +125,7 @@ async def test_combine_lifespans_orders_start_and_close_and_merges_state() -> No
         routes=[Route("/state", state), Mount("/v1", app=api)],
         lifespan=combine_lifespans(host_lifespan, api.lifespan, more),
     )
-    async with LifespanManager(host) as manager, raw_client(manager.app) as http:
+    async with started(host) as manager, raw_client(manager.app) as http:
         assert api._started
         assert (await http.get("/state")).text == "host-db 2"
     # the host's started first (before the API), and closed last (after the API's pools)
@@ -152,7 +157,7 @@ async def test_django_router_answers_lifespan_and_routes_by_whole_segment() -> N
             pass  # pragma: no cover
 
     application = asgi_application(django_app, api, prefix="/v1")
-    async with LifespanManager(application):
+    async with started(application):
         assert api._started
         _, key = await api.keys.create(name="k", owner="o")
         client = async_openai(application, key, base_url="http://testserver/v1")
@@ -199,7 +204,7 @@ async def test_django_router_with_the_hosts_lifespan_and_a_failing_start() -> No
         yield
         order.append(f"host close after the API's ({storage.closed})")
 
-    async with LifespanManager(asgi_application(django_like([]), api, lifespan=host_lifespan)):
+    async with started(asgi_application(django_like([]), api, lifespan=host_lifespan)):
         assert order == ["host start"]
     assert order == ["host start", "host close after the API's (1)"]
 
@@ -209,7 +214,7 @@ async def test_django_router_with_the_hosts_lifespan_and_a_failing_start() -> No
         yield  # pragma: no cover
 
     with pytest.raises(Exception, match="cache down"):
-        async with LifespanManager(asgi_application(django_like([]), api, lifespan=broken)):
+        async with started(asgi_application(django_like([]), api, lifespan=broken)):
             pass  # pragma: no cover
 
 
