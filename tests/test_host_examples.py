@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -46,6 +47,31 @@ def fresh_import(name: str) -> Iterator[ModuleType]:
         yield importlib.import_module(name)
     finally:
         sys.modules.pop(name, None)
+
+
+# -- the host pages --------------------------------------------------------------------------------------------
+
+HOST_PAGES = ("fastapi.md", "starlette.md", "django.md", "mounting.md")
+
+
+@pytest.mark.parametrize("page", HOST_PAGES)
+def test_host_pages_python_blocks_compile_and_name_real_examples(page: str) -> None:
+    """tests/test_docs.py runs each page's first block; the rest are fragments, which must at least be Python, and
+    every example a page names must exist."""
+    text = (ROOT / "docs" / page).read_text()
+    blocks = re.findall(r"^```python\n(.*?)^```$", text, re.S | re.M)
+    assert len(blocks) >= 2
+    for block in blocks:
+        compile(block, page, "exec")
+    for named in re.findall(r"`(examples/[^`]+)`", text):
+        assert (ROOT / named).exists(), f"{page} names {named}, which does not exist"
+
+
+def test_django_page_shows_the_example_asgi_py_as_it_is() -> None:
+    page = (ROOT / "docs" / "django.md").read_text()
+    shown = re.search(r"^## asgi.py\n.*?^```python\n(.*?)^```$", page, re.S | re.M)
+    assert shown is not None
+    assert shown.group(1) in (DJANGO_PROJECT / "mysite" / "asgi.py").read_text()
 
 
 # -- FastAPI ---------------------------------------------------------------------------------------------------
