@@ -5,7 +5,6 @@ warning, even under ``-W error``."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx2
 import pytest
 from asgi_lifespan import LifespanManager, LifespanNotSupported
@@ -31,7 +31,6 @@ from ozwell_asgi.stores.urls import register_storage
 from tests.harness import async_openai, raw_client
 
 ROOT = Path(__file__).resolve().parent.parent
-CHAT = {"model": "echo", "messages": [{"role": "user", "content": "hi"}]}
 
 
 def started(app: Any) -> LifespanManager:
@@ -218,25 +217,26 @@ async def test_django_router_with_the_hosts_lifespan_and_a_failing_start() -> No
             pass  # pragma: no cover
 
 
-def test_a_mounted_app_closes_at_its_loops_end_and_again_on_the_next() -> None:
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_mounted_app_closes_at_its_loops_end_and_again_on_the_next(backend: str) -> None:
     """No lifespan: the first request starts the API; the loop's end closes its pools; a request on a later loop
-    starts it again, and that loop's end closes them again."""
+    starts it again, and that loop's end closes them again (asyncio, and trio through anyio)."""
     api, storage = counted_api()
     host = Starlette(routes=[Mount("/v1", app=api)])
 
     async def serve_once() -> int:
         _, key = await api.keys.create(name="k", owner="o")
         async with raw_client(host) as http:
-            response = await http.post("/v1/chat/completions", json=CHAT, headers={"authorization": f"Bearer {key}"})
+            response = await http.get("/v1/models", headers={"authorization": f"Bearer {key}"})
         assert api._started and api._loop_end is not None
         assert storage.closed == closes_before  # not before the loop ends
         return response.status_code
 
     closes_before = 0
-    assert asyncio.run(serve_once()) == 200
+    assert anyio.run(serve_once, backend=backend) == 200
     assert storage.closed == 1 and not api._started and api._loop_end is None
     closes_before = 1
-    assert asyncio.run(serve_once()) == 200
+    assert anyio.run(serve_once, backend=backend) == 200
     assert storage.closed == 2
 
 
