@@ -280,7 +280,9 @@ class OzwellAPI:
 
     async def aclose(self) -> None:
         """Close the adapters this app built from URLs (never instances the host passed in). Safe to call again:
-        used after it, they reconnect lazily, and the next call closes them again."""
+        the next request starts the app again as its first did, the adapters reconnect lazily, and the next call
+        closes them again."""
+        self._started = False
         for resource in reversed(self._owned):
             close = getattr(resource, "aclose", None)
             if close is not None:
@@ -322,7 +324,6 @@ class OzwellAPI:
             yield
         finally:
             self._loop_end = None
-            self._started = False
             await self.aclose()
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:

@@ -96,10 +96,30 @@ async def test_async_with_lifespan_starts_and_closes() -> None:
     async with api.lifespan():
         assert api._started
         assert storage.closed == 0
-    assert storage.closed == 1
+    assert storage.closed == 1 and not api._started
     async with api.lifespan():  # closing again is safe: the adapters reopen on use and close again
         pass
     assert storage.closed == 2
+
+
+def test_after_its_lifespan_a_request_on_another_loop_starts_it_lazily() -> None:
+    api, storage = counted_api()
+
+    async def with_lifespan() -> None:
+        async with api.lifespan():
+            pass
+
+    async def request() -> int:
+        _, key = await api.keys.create(name="k", owner="o")
+        async with raw_client(Starlette(routes=[Mount("/v1", app=api)])) as http:
+            response = await http.get("/v1/models", headers={"authorization": f"Bearer {key}"})
+        assert storage.closed == 1 and api._loop_end is not None
+        return response.status_code
+
+    anyio.run(with_lifespan)
+    assert storage.closed == 1
+    assert anyio.run(request) == 200
+    assert storage.closed == 2  # closed again when that loop ended
 
 
 @pytest.mark.anyio
