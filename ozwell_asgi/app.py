@@ -15,7 +15,8 @@ import random
 import re
 import secrets
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from types import MappingProxyType
 from typing import Any
 
@@ -48,7 +49,7 @@ from .responses import error_response
 from .routes import ROUTES, Handler, RouteRow
 from .sources import FileSources, SourceLimits
 from .stores.cache import CachedKeyStore
-from .stores.urls import Storages
+from .stores.urls import Storage, Storages
 from .tokens import Tokenizer, default_tokenizer
 from .types import Receive, Scope, Send, UsageEvent
 from .usage import UNKNOWN_ENDPOINT, UsageHook, UsageHooks, endpoint_name
@@ -139,6 +140,26 @@ def _request_id(headers: dict[bytes, bytes]) -> bytes:
     if value is not None and 0 < len(value) <= 200 and value.isascii() and value.decode().isprintable():
         return value
     return _new_request_id()
+
+
+class _ReclosableStorages(Storages):
+    """:class:`Storages` whose :meth:`aclose` closes every storage opened here each time it is called, not once:
+    a closed engine or client reconnects when used again, so an app closed when one event loop ended and then
+    served on another is closed again when that one ends."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._every: list[Storage] = []
+
+    def open(self, url: str) -> Storage:
+        storage = super().open(url)
+        if not any(storage is seen for seen in self._every):
+            self._every.append(storage)
+        return storage
+
+    async def aclose(self) -> None:
+        for storage in reversed(self._every):
+            await storage.aclose()
 
 
 class PrefixedApp:
@@ -237,7 +258,7 @@ class OzwellAPI:
             raise ValueError("on_limiter_error must be 'closed' or 'open'")
         plans = MappingProxyType(dict(plans))  # a snapshot: configuration is read once, here
         self._owned: list[Any] = []
-        storages = Storages()  # one storage per URL, closed by aclose
+        storages = _ReclosableStorages()  # one storage per URL, closed by aclose
         self._owned.append(storages)
         files_url = file_store if isinstance(file_store, str) else None
         if isinstance(file_store, str):
@@ -315,6 +336,7 @@ class OzwellAPI:
             if row.capability is None or has[row.capability]
         )
         self._started = False
+        self._loop_end: AsyncIterator[None] | None = None  # armed by the first request when no lifespan ran
 
     @staticmethod
     def _sources(
@@ -377,7 +399,9 @@ class OzwellAPI:
     async def aclose(self) -> None:
         """Deliver the queued usage events (within ``Settings.usage_drain_timeout``), then close the adapters this
         app built from URLs (never instances the host passed in). Background responses are cancelled first, so the
-        usage events of their settled meters are among those delivered."""
+        usage events of their settled meters are among those delivered. Safe to call again: the next request starts
+        the app again as its first did, the adapters reconnect lazily, and the next call closes them again."""
+        self._started = False
         if self.services.background is not None:
             await self.services.background.aclose()  # idempotent: closed again, doing nothing, with the rest
         await self.usage.aclose()
@@ -388,7 +412,41 @@ class OzwellAPI:
                     await close()
                 except Exception:
                     log.exception("closing %r failed", resource)
-        self._owned.clear()
+
+    def lifespan(self, app: object = None) -> AbstractAsyncContextManager[None]:
+        """The app's lifespan as an async context manager: :meth:`startup` on entry, :meth:`aclose` on exit.
+
+        A host wires it in one line, ``FastAPI(lifespan=ozwell.lifespan)`` or ``Starlette(lifespan=...)`` (they
+        call it with themselves as ``app``, which is ignored); or ``async with ozwell.lifespan(): ...`` anywhere,
+        such as inside the host's own lifespan (see :func:`ozwell_asgi.lifespan.combine_lifespans`).
+        """
+        return self._lifespan_context()
+
+    @asynccontextmanager
+    async def _lifespan_context(self) -> AsyncIterator[None]:
+        await self.startup()
+        try:
+            yield
+        finally:
+            await self.aclose()
+
+    async def _start_lazily(self) -> None:
+        """The first request when no lifespan started us: start, and arrange to close at this event loop's end."""
+        if self._loop_end is None:
+            guard = self._close_when_loop_ends()
+            await anext(guard)  # now the running loop's async-generator hooks track it
+            self._loop_end = guard
+        await self.startup()
+
+    async def _close_when_loop_ends(self) -> AsyncIterator[None]:
+        """Suspended until the event loop finalizes its async generators as it shuts down (``asyncio.run`` and
+        uvicorn after the last task, trio at the end of ``trio.run``); then closes the pools, on that loop, and
+        lets the next request (on another loop) start again."""
+        try:
+            yield
+        finally:
+            self._loop_end = None
+            await self.aclose()
 
     async def _lifespan(self, scope: Scope, receive: Receive, send: Send) -> None:
         while True:
@@ -420,7 +478,7 @@ class OzwellAPI:
                 await send({"type": "websocket.close", "code": 1000})
             return
         if not self._started:
-            await self.startup()
+            await self._start_lazily()
         began = time.perf_counter()
         scope["ozwell.began"] = began
         headers = dict(scope["headers"])  # one pass; later duplicates win, which no header we read relies on

@@ -13,7 +13,7 @@ import pytest
 
 from ozwell_asgi import OzwellAPI
 from ozwell_asgi.app import PrefixedApp
-from tests.harness import async_openai, raw_client, uvicorn_server
+from tests.harness import async_openai, uvicorn_server
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = ROOT / "examples"
@@ -29,7 +29,9 @@ def test_every_example_is_tested() -> None:
         "responses_chat.py",
     }
     tested.add("prometheus_metrics.py")  # tests/test_prometheus_example.py
+    tested |= {"starlette_app.py", "production.py", "django_project"}  # tests/test_host_examples.py
     present = {p.name for p in EXAMPLES.iterdir() if p.suffix in (".py", ".sh") and p.name != "__init__.py"}
+    present |= {p.name for p in EXAMPLES.iterdir() if p.is_dir() and not p.name.startswith(("_", "."))}
     assert present <= tested, f"untested examples: {present - tested}"
 
 
@@ -49,27 +51,6 @@ async def test_custom_backend_example() -> None:
     embedded = await client.embeddings.create(model="echo-embedding", input=["a", "b"], dimensions=8)
     assert [len(e.embedding) for e in embedded.data] == [8, 8]
     await client.close()
-
-
-@pytest.mark.anyio
-async def test_fastapi_example(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from asgi_lifespan import LifespanManager
-
-    monkeypatch.setenv("OZWELL_SECRET", "x" * 32)
-    monkeypatch.setenv("OZWELL_STORE_URL", f"sqlite:///{tmp_path}/ozwell.db")
-    sys.modules.pop("examples.fastapi_app", None)
-    module = importlib.import_module("examples.fastapi_app")
-    async with LifespanManager(module.app):
-        _, key = await module.ozwell.keys.create(name="t", owner="o")
-        client = async_openai(module.app, key, base_url="http://testserver/v1")
-        completion = await client.chat.completions.create(model="echo", messages=[{"role": "user", "content": "x"}])
-        assert completion.choices[0].message.content == "x"
-        await client.close()
-        async with raw_client(module.app) as http:
-            assert (await http.get("/me", headers={"x-user": "ann"})).json() == {"user": "ann"}
-            assert (await http.get("/me")).status_code == 401
-            assert (await http.get("/v1/models")).json()["error"]["code"] == "missing_api_key"
-    sys.modules.pop("examples.fastapi_app", None)
 
 
 @pytest.mark.slow
