@@ -120,9 +120,11 @@ async def test_limits_and_usage_are_per_principal() -> None:
         assert statuses[0].headers["x-ratelimit-limit-requests"] == "2"
         assert error_of(statuses[2])["code"] == "rate_limit_exceeded"
         assert (await http.post("/v1/chat/completions", json=CHAT, headers=cookie("bob"))).status_code == 200
+    await api.usage.flush()  # events reach hooks off the response path; every request emits one, refusals too
     assert [(e.key_id, e.owner, e.status) for e in events] == [
         ("user:carol", "carol", 200),
         ("user:carol", "carol", 200),
+        ("user:carol", "carol", 429),
         ("user:bob", "bob", 200),
     ]
     await api.aclose()
