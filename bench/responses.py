@@ -81,6 +81,9 @@ async def call(app: Any, path: str, key: str, payload: dict[str, Any]) -> dict[s
     return answer
 
 
+CREATED: list[str] = []  # response ids, deleted when a store is done: the servers are shared
+
+
 async def responses_conversation(app: Any, key: str) -> list[float]:
     times = []
     previous: str | None = None
@@ -96,6 +99,7 @@ async def responses_conversation(app: Any, key: str) -> list[float]:
         if text != question:
             raise RuntimeError(f"responses turn {n}: {text!r}")
         previous = answer["id"]
+        CREATED.append(previous)
     return times
 
 
@@ -133,6 +137,9 @@ async def measure(store_url: str, conversations: int) -> list[tuple[float, float
                 per_turn[n][1].append(seconds)
         return [(statistics.median(r), statistics.median(c)) for r, c in per_turn]
     finally:
+        store = app.services.responses
+        while CREATED and store is not None:
+            await store.delete("bench", CREATED.pop())
         await app.aclose()
 
 
