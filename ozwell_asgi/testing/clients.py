@@ -21,6 +21,7 @@ that escapes the app is raised to the caller, as httpx2's ``ASGITransport`` does
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -52,6 +53,7 @@ IN_PROCESS_BASE_URL = "http://testserver/v1"
 MESSAGE_BUFFER = 16  # ASGI messages an app may send ahead of the client reading them
 SERVER_START_TIMEOUT = 10.0  # seconds serve_in_thread waits for uvicorn to listen
 SERVER_STOP_TIMEOUT = 10.0  # seconds it waits for uvicorn's thread to end
+STOP_TIMEOUT = 10.0  # seconds a closed in-process response waits for its cancelled app to unwind
 
 Message = MutableMapping[str, Any]
 _TIMED_OUT: Any = object()
@@ -102,6 +104,7 @@ class _Exchange:
         self.error: Exception | None = None
         self.complete = False  # the app sent its last body message
         self.done = False  # the app returned
+        self._finished = anyio.Event()
 
     async def run(self) -> None:
         try:
@@ -113,6 +116,7 @@ class _Exchange:
                         self.error = exc
         finally:
             self.done = True
+            self._finished.set()
 
     async def _receive(self) -> Message:
         body, self.body = self.body, None
@@ -130,9 +134,9 @@ class _Exchange:
             self.complete = True
             self._over.set()
 
-    async def next(self, timeout: float | None) -> Message | None:
-        """The app's next message; ``None`` once it has returned; ``_TIMED_OUT`` after ``timeout`` seconds."""
-        with anyio.move_on_after(timeout):
+    async def next(self, wait: float | None) -> Message | None:
+        """The app's next message; ``None`` once it has returned; ``_TIMED_OUT`` after ``wait`` seconds."""
+        with anyio.move_on_after(wait):
             try:
                 return await self._from_app.receive()
             except anyio.EndOfStream:
@@ -140,11 +144,15 @@ class _Exchange:
         return _TIMED_OUT  # type: ignore[no-any-return]
 
     async def abort(self) -> None:
-        """The client is gone: the app hears ``http.disconnect`` and is cancelled, unless it already finished."""
+        """The client is gone: the app hears ``http.disconnect`` and, unless its response was complete, is
+        cancelled; then it is given up to :data:`STOP_TIMEOUT` seconds to unwind (its ``finally`` blocks, the
+        backend's ``aclose``), so what it does on a disconnect has happened when this returns."""
         self._over.set()
         self._from_app.close()
         if not self.complete:
             self.cancel_scope.cancel()
+            with anyio.move_on_after(STOP_TIMEOUT, shield=True):
+                await self._finished.wait()
 
 
 def _response_start(request: httpx2.Request, message: Message | None, exchange: _Exchange) -> Message:
@@ -171,6 +179,12 @@ def _body_piece(request: httpx2.Request, message: Message | None, exchange: _Exc
         return b"", True  # trailers, extensions: nothing a client reads here
     body: bytes = message.get("body", b"")
     return (b"" if request.method == "HEAD" else body), bool(message.get("more_body", False))
+
+
+def _keep(tasks: set[asyncio.Task[None]], task: asyncio.Task[None]) -> None:
+    """Hold a reference to ``task`` until it is done (the loop holds tasks weakly)."""
+    tasks.add(task)
+    task.add_done_callback(tasks.discard)
 
 
 # -- sync --------------------------------------------------------------------------------------------------------
@@ -212,6 +226,7 @@ class SyncASGITransport(httpx2.BaseTransport):
         self.root_path = _root_path(app) if root_path is None else root_path
         self.client = client
         self._running: set[_Exchange] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
         self._lock = threading.Lock()
 
     def handle_request(self, request: httpx2.Request) -> httpx2.Response:
@@ -220,7 +235,7 @@ class SyncASGITransport(httpx2.BaseTransport):
 
         async def begin() -> _Exchange:
             exchange = _Exchange(self.app, scope, body)
-            asyncio.get_running_loop().create_task(exchange.run())
+            _keep(self._tasks, asyncio.get_running_loop().create_task(exchange.run()))
             return exchange
 
         exchange = self.portal.call(begin)
@@ -231,17 +246,17 @@ class SyncASGITransport(httpx2.BaseTransport):
         except BaseException:
             self._end(exchange)
             raise
-        return httpx2.Response(start["status"], headers=start.get("headers", []), stream=_SyncBody(self, request, exchange))
+        return httpx2.Response(
+            start["status"], headers=start.get("headers", []), stream=_SyncBody(self, request, exchange)
+        )
 
     def _end(self, exchange: _Exchange) -> None:
         with self._lock:
             if exchange not in self._running:
                 return
             self._running.discard(exchange)
-        try:
+        with contextlib.suppress(RuntimeError):  # the portal has stopped: its tasks were cancelled with it
             self.portal.call(exchange.abort)
-        except RuntimeError:  # the portal has stopped: its tasks were cancelled with it
-            pass
 
     def close(self) -> None:
         with self._lock:
@@ -251,9 +266,7 @@ class SyncASGITransport(httpx2.BaseTransport):
 
 
 @contextmanager
-def sync_openai(
-    app: Any, api_key: str, base_url: str = IN_PROCESS_BASE_URL, **kwargs: Any
-) -> Iterator[openai.OpenAI]:
+def sync_openai(app: Any, api_key: str, base_url: str = IN_PROCESS_BASE_URL, **kwargs: Any) -> Iterator[openai.OpenAI]:
     """An ``openai.OpenAI`` client of ``app``, in-process; ``kwargs`` go to ``openai.OpenAI`` (``max_retries``,
     ``timeout``...). The app runs on an event loop in a helper thread, stopped (its requests cancelled) on exit."""
     with anyio.from_thread.start_blocking_portal() as portal:
@@ -294,7 +307,8 @@ class AsyncASGITransport(httpx2.AsyncBaseTransport):
         self.app = app
         self.root_path = _root_path(app) if root_path is None else root_path
         self.client = client
-        self._running: dict[_Exchange, asyncio.Task[None]] = {}
+        self._running: set[_Exchange] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
         try:
@@ -306,25 +320,22 @@ class AsyncASGITransport(httpx2.AsyncBaseTransport):
             ) from None
         body = await request.aread()
         exchange = _Exchange(self.app, _scope(request, self.root_path, self.client), body)
-        self._running[exchange] = loop.create_task(exchange.run())
+        _keep(self._tasks, loop.create_task(exchange.run()))
+        self._running.add(exchange)
         try:
             start = _response_start(request, await exchange.next(_read_timeout(request)), exchange)
         except BaseException:
-            with anyio.CancelScope(shield=True):
-                await self._end(exchange)
+            await self._end(exchange)
             raise
         return httpx2.Response(
             start["status"], headers=start.get("headers", []), stream=_AsyncBody(self, request, exchange)
         )
 
     async def _end(self, exchange: _Exchange) -> None:
-        task = self._running.pop(exchange, None)
-        if task is None:
-            return
-        await exchange.abort()
-        if not exchange.complete:  # cancelled: let it unwind (its finally blocks, the backend's aclose) now
-            with anyio.CancelScope(shield=True), anyio.move_on_after(SERVER_STOP_TIMEOUT):
-                await asyncio.wait((task,))
+        if exchange in self._running:
+            self._running.discard(exchange)
+            with anyio.CancelScope(shield=True):
+                await exchange.abort()
 
     async def aclose(self) -> None:
         for exchange in list(self._running):

@@ -27,6 +27,8 @@ client, a server thread). The records are bounded by :data:`MAX_RECORDED` reques
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json as jsonlib
 import re
 import threading
@@ -34,10 +36,9 @@ from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeAlias
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 import anyio
-import anyio.to_thread
 
 from ..backends.echo import EchoBackend
 from ..backends.function import FunctionBackend, Reply
@@ -93,20 +94,27 @@ _WORDS = re.compile(r"\s*\S+")
 
 class Gate:
     """A pause the test controls: an answer that reaches a closed gate waits there until :meth:`open` is called
-    (from any thread, or the event loop), without sleeping. Once open it stays open. The wait occupies a worker
-    thread (``anyio.to_thread``) and ends at once if the request is cancelled (the client went away)."""
+    (from any thread, or the event loop), without sleeping and without holding a thread. Once open it stays open.
+    A request waiting at a gate is cancelled as usual if its client goes away."""
 
     def __init__(self) -> None:
-        self._open = threading.Event()
+        self._lock = threading.Lock()
+        self._open = False
         self._reached = threading.Event()
+        self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []  # one per answer waiting here
 
     def open(self) -> None:
         """Let every answer waiting here, and every later one, go on."""
-        self._open.set()
+        with self._lock:
+            self._open = True
+            waiters, self._waiters = self._waiters, []
+        for loop, event in waiters:
+            with contextlib.suppress(RuntimeError):  # that loop has closed: nothing waits on it any more
+                loop.call_soon_threadsafe(event.set)
 
     @property
     def is_open(self) -> bool:
-        return self._open.is_set()
+        return self._open
 
     @property
     def reached(self) -> bool:
@@ -120,8 +128,17 @@ class Gate:
 
     async def _pass(self) -> None:
         self._reached.set()
-        if not self._open.is_set():
-            await anyio.to_thread.run_sync(self._open.wait, abandon_on_cancel=True)
+        with self._lock:
+            if self._open:
+                return
+            waiter = (asyncio.get_running_loop(), asyncio.Event())
+            self._waiters.append(waiter)
+        try:
+            await waiter[1].wait()
+        finally:
+            with self._lock:
+                if waiter in self._waiters:
+                    self._waiters.remove(waiter)
 
     def __repr__(self) -> str:
         return f"<Gate {'open' if self.is_open else 'closed'}{', reached' if self.reached else ''}>"
@@ -343,7 +360,8 @@ class ScriptedBackend:
             self._count += 1
             if len(self.requests) < MAX_RECORDED:
                 self.requests.append(request)
-        async with aclosing(self._function.stream_chat(request, call)) as chunks:
+        answer = cast(AsyncGenerator[ChatChunk, None], self._function.stream_chat(request, call))
+        async with aclosing(answer) as chunks:
             async for chunk in chunks:
                 yield chunk
 
