@@ -291,6 +291,11 @@ def test_makes_an_unscripted_call(ozwell_backend, openai_client):
 def test_opts_out(ozwell_backend):
     ozwell_backend.reply("unused on purpose")
     ozwell_backend.check_at_teardown = False
+
+
+def test_fails_on_its_own(ozwell_backend):
+    ozwell_backend.reply("unused because the test failed first")
+    assert 1 + 1 == 3, "the test's own failure"
 """
 
 
@@ -309,7 +314,7 @@ def test_a_users_own_file_drives_the_sdk_with_only_the_plugin(pytester: pytest.P
 @pytest.mark.slow
 def test_the_plugin_fails_a_test_that_leaves_the_script_unfinished(pytester: pytest.Pytester) -> None:
     result = _run(pytester, TEARDOWN_TESTS)
-    result.assert_outcomes(passed=3, errors=2)
+    result.assert_outcomes(passed=3, failed=1, errors=2)
     result.stdout.fnmatch_lines(
         [
             "*ERROR at teardown of test_leaves_an_answer_unused*",
@@ -321,6 +326,7 @@ def test_the_plugin_fails_a_test_that_leaves_the_script_unfinished(pytester: pyt
         ]
     )
     assert "unused on purpose" not in result.stdout.str()
+    assert "ERROR at teardown of test_fails_on_its_own" not in result.stdout.str()  # its own failure says it all
 
 
 def test_the_entry_point_loads_the_plugin_without_the_sdk() -> None:

@@ -5,9 +5,9 @@ conftest). Each fixture is function-scoped and imports what it needs when it is 
 uses none of them loads nothing more than this module.
 
 - ``ozwell_backend``: a :class:`~ozwell_asgi.testing.ScriptedBackend`; queue answers on it, read ``.requests``.
-  When the test ends its gates are opened and, unless ``check_at_teardown`` was set to ``False``,
-  :meth:`~ozwell_asgi.testing.ScriptedBackend.check` fails the test if a request found no answer queued or a queued
-  answer was never used.
+  When the test ends its gates are opened and, unless ``check_at_teardown`` was set to ``False`` or the test has
+  already failed, :meth:`~ozwell_asgi.testing.ScriptedBackend.check` fails the test if a request found no answer
+  queued or a queued answer was never used.
 - ``ozwell_app``: an :class:`~ozwell_asgi.OzwellAPI` answering from ``ozwell_backend``, with memory stores.
 - ``ozwell_api_key``: an ``ozw_`` key of ``ozwell_app`` (owner ``"pytest"``, plan ``"enterprise"``: no limits).
 - ``openai_client``: an ``openai.OpenAI`` of ``ozwell_app`` with that key, in-process, ``max_retries=0``.
@@ -21,7 +21,7 @@ settings); the others build on what you return.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from typing import TYPE_CHECKING
 
 import pytest
@@ -42,8 +42,22 @@ __all__ = [
 ]
 
 
+_CALL_FAILED = pytest.StashKey[bool]()
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    """Note whether the test itself failed: its own failure then says what went wrong, not the teardown check."""
+    report = yield
+    if report.when == "call":
+        item.stash[_CALL_FAILED] = report.failed
+    return report
+
+
 @pytest.fixture
-def ozwell_backend() -> Iterator[ScriptedBackend]:
+def ozwell_backend(request: pytest.FixtureRequest) -> Iterator[ScriptedBackend]:
     """A scripted chat backend: ``.reply(text)``, ``.tool_call(name, arguments)``, ``.error(status, message)``,
     ``.gate()``; ``.requests`` lists the chat requests that came, parsed, in order."""
     from .scripted import ScriptedBackend
@@ -51,7 +65,7 @@ def ozwell_backend() -> Iterator[ScriptedBackend]:
     backend = ScriptedBackend()
     yield backend
     backend.open_gates()
-    if backend.check_at_teardown:
+    if backend.check_at_teardown and not request.node.stash.get(_CALL_FAILED, False):
         backend.check()
 
 
