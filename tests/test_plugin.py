@@ -443,3 +443,13 @@ def test_scripting_rejects_what_it_could_not_send() -> None:
     with pytest.raises(ValueError, match="function name"):
         backend.tool_call("")
     assert backend.pending == 0
+
+
+def test_open_gates_opens_every_gate_it_was_given() -> None:
+    backend = ScriptedBackend()
+    made, loose, unrelated = backend.gate(), Gate(), Gate()
+    backend.reply(["a", loose, "b"])
+    backend.error(500, wait=loose)
+    backend.open_gates()
+    assert made.is_open and loose.is_open
+    assert not unrelated.is_open

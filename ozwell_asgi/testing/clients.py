@@ -9,9 +9,10 @@ Needs the ``testing`` extra (``openai``, ``httpx2``), which this module imports:
   asyncio loop;
 - :func:`serve_in_thread` serves an app with uvicorn on ``127.0.0.1`` and a free port, in a thread.
 
-Both in-process transports stream: the response is returned once the app has started it, and its body arrives
-as the app sends it, at most :data:`MESSAGE_BUFFER` ASGI messages ahead of the reader. They honour the request's
-read timeout (the SDK's ``timeout=``): a wait longer than it raises ``httpx2.ReadTimeout``, which the SDK reports as
+Both in-process transports stream: the request body is read whole and given to the app as one message; the
+response is returned once the app has started it, and its body arrives as the app sends it, at most
+:data:`MESSAGE_BUFFER` ASGI messages ahead of the reader. They honour the request's read timeout (the SDK's
+``timeout=``): a wait longer than it raises ``httpx2.ReadTimeout``, which the SDK reports as
 ``openai.APITimeoutError``. Closing a response before its end (leaving a ``with`` block, ``stream.close()``) tells
 the app that the client went away (``http.disconnect``) and cancels it, as a closed socket would. An exception
 that escapes the app is raised to the caller, as httpx2's ``ASGITransport`` does by default. A bare
@@ -103,8 +104,7 @@ class _Exchange:
         self.cancel_scope = anyio.CancelScope()
         self.error: Exception | None = None
         self.complete = False  # the app sent its last body message
-        self.done = False  # the app returned
-        self._finished = anyio.Event()
+        self._finished = anyio.Event()  # the app returned
 
     async def run(self) -> None:
         try:
@@ -115,7 +115,6 @@ class _Exchange:
                     except Exception as exc:
                         self.error = exc
         finally:
-            self.done = True
             self._finished.set()
 
     async def _receive(self) -> Message:

@@ -319,9 +319,9 @@ class ScriptedBackend:
         return gate
 
     def open_gates(self) -> None:
-        """Open every gate made by :meth:`gate`, and every gate still queued: nothing waits any more."""
+        """Open every gate made by :meth:`gate` or queued in an answer: nothing waits any more."""
         with self._lock:
-            gates = [*self._gates, *(s for a in self._queue for s in a.steps if isinstance(s, Gate))]
+            gates = list(self._gates)
         for gate in gates:
             gate.open()
 
@@ -346,6 +346,7 @@ class ScriptedBackend:
     def _put(self, answer: _Answer) -> None:
         with self._lock:
             self._queue.append(answer)
+            self._gates.extend(s for s in answer.steps if isinstance(s, Gate) and s not in self._gates)
 
     # -- serving --------------------------------------------------------------------------------------------------
 
