@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import time
 import tomllib
 from pathlib import Path
 
@@ -396,9 +397,18 @@ def test_closing_a_sync_stream_early_disconnects_and_cancels_the_app() -> None:
             assert gate.wait_reached(5)
             assert events == []
         # closed with the answer still held: the app was cancelled and has settled the call as abandoned
-        assert [e.status for e in events] == [499]
+        assert [e.status for e in delivered(events)] == [499]
     assert not gate.is_open
     backend.check()
+
+
+def delivered(events: list[UsageEvent], count: int = 1) -> list[UsageEvent]:
+    """``events`` once ``count`` have arrived: a sync hook gets them in a worker thread, off the response path."""
+    for _ in range(1000):
+        if len(events) >= count:
+            break
+        time.sleep(0.005)
+    return events
 
 
 @pytest.mark.anyio
@@ -415,6 +425,7 @@ async def test_closing_an_async_stream_early_disconnects_and_cancels_the_app() -
         assert await anyio.to_thread.run_sync(gate.wait_reached)
         assert events == []
         await stream.close()
+    await api.usage.flush()  # usage events reach hooks off the response path
     assert [e.status for e in events] == [499]
     assert not gate.is_open
 
@@ -428,7 +439,7 @@ def test_a_sync_read_timeout_cancels_the_held_app() -> None:
     with sync_openai(api, key, max_retries=0, timeout=0.1) as client:
         with pytest.raises(openai.APITimeoutError):
             client.chat.completions.create(model="gpt-4o-mini", messages=MESSAGES)
-        assert [e.status for e in events] == [499]
+        assert [e.status for e in delivered(events)] == [499]
     assert gate.reached and not gate.is_open
 
 
