@@ -4,7 +4,7 @@ The convention (docs/contributing.md says the same, for whoever writes a page):
 
 - A page's blocks run in order, in one scratch directory per page, so what one block makes (``./ozwell.secret``
   from ``ozwell-asgi keys create``, a database file) is there for the next, as for a reader following the page.
-- ```` ```python ```` blocks run, each in a fresh interpreter: a block is self-contained (it imports what it uses;
+- ```` ```python ```` blocks run, each in a fresh interpreter from a file of its own (``__file__`` is set): a block is self-contained (it imports what it uses;
   no name carries over from the block before), so a reader can copy any one of them.
 - ```` ```sh ````, ```` ```bash ````, ```` ```shell ```` and ```` ```console ```` blocks run with ``bash -euo
   pipefail``; ``ozwell-asgi`` and ``python`` on their ``PATH`` are this checkout's, and no ``OZWELL_*`` variable
@@ -110,7 +110,10 @@ def environment(scratch: Path) -> dict[str, str]:
 
 def run_block(block: Block, scratch: Path, env: dict[str, str]) -> None:
     if block.lang == "python":
-        command = [sys.executable, "-c", block.code]
+        # A file of its own, as a reader would save it: ``__file__`` is set (a test file that runs itself works).
+        script = scratch / f"block_{Path(block.page).stem.replace('-', '_')}_{block.line}.py"
+        script.write_text(block.code)
+        command = [sys.executable, str(script)]
     else:
         command = ["bash", "-euo", "pipefail", "-c", block.code]
     done = subprocess.run(command, cwd=scratch, env=env, capture_output=True, text=True, timeout=BLOCK_TIMEOUT)
