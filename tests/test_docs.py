@@ -4,8 +4,9 @@ The convention (docs/contributing.md says the same, for whoever writes a page):
 
 - A page's blocks run in order, in one scratch directory per page, so what one block makes (``./ozwell.secret``
   from ``ozwell-asgi keys create``, a database file) is there for the next, as for a reader following the page.
-- ```` ```python ```` blocks run, each in a fresh interpreter from a file of its own (``__file__`` is set): a block is self-contained (it imports what it uses;
-  no name carries over from the block before), so a reader can copy any one of them.
+- ```` ```python ```` blocks run, each in a fresh interpreter from a file of its own (``__file__`` is set): a
+  block is self-contained (it imports what it uses; no name carries over from the block before), so a reader can
+  copy any one of them.
 - ```` ```sh ````, ```` ```bash ````, ```` ```shell ```` and ```` ```console ```` blocks run with ``bash -euo
   pipefail``; ``ozwell-asgi`` and ``python`` on their ``PATH`` are this checkout's, and no ``OZWELL_*`` variable
   leaks in from the machine.
