@@ -3,7 +3,7 @@ its own users), its own middleware, and its own lifespan next to the API's. Its 
 it (``POST /me/keys``) and call /v1 with them; the product's login never guards /v1, and the API's keys never open
 the product's routes.
 
-Run it (pip install "ozwell-asgi" fastapi):
+Run it (from a checkout: pip install -e . fastapi):
 
     export OZWELL_SECRET=$(python -c 'import secrets; print(secrets.token_hex(32))')
     export APP_USERS='ann:correct-horse'        # name:password pairs, comma-separated

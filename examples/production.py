@@ -2,7 +2,7 @@
 host), configured by the same ``OZWELL_*`` variables as ``ozwell-asgi serve`` and served by uvicorn with serve's
 connection limits, next to the product's own health routes.
 
-Run it (pip install "ozwell-asgi[postgres,redis]"):
+Run it (from a checkout: pip install -e ".[postgres,redis]"):
 
     export OZWELL_SECRET=...                                  # the same on every host (or OZWELL_SECRET_FILE)
     export OZWELL_STORE_URL=postgresql://app:password@db:5432/app

@@ -1,6 +1,6 @@
 """A Starlette site that serves the Ozwell API under /v1 to browser code on another origin (CORS), with its own pages.
 
-Run it (pip install "ozwell-asgi"; Starlette comes with it):
+Run it (from a checkout: pip install -e .; Starlette comes with it):
 
     export OZWELL_SECRET=$(python -c 'import secrets; print(secrets.token_hex(32))')
     export APP_ORIGINS=https://app.example.com   # origins whose pages may call /v1, comma-separated
