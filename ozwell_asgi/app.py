@@ -309,7 +309,7 @@ class OzwellAPI:
             nonlocal response_started
             if message["type"] == "http.response.start":
                 response_started = True
-                elapsed = str(int((time.perf_counter() - began) * 1000)).encode()
+                elapsed = b"%d" % ((time.perf_counter() - began) * 1000)
                 message["headers"] = [
                     *message["headers"],
                     (b"x-request-id", request_id),

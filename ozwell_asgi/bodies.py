@@ -49,9 +49,9 @@ class _IdleTimer:
         self._cancelling = task.cancelling()
         self.last = loop.time()
         self.fired = False
-        sweeper = _sweepers.get(loop)
+        sweeper = _sweepers.get(weakref.ref(loop))  # the loop's plain weak reference, made once and then reused
         if sweeper is None:
-            sweeper = _sweepers[loop] = _Sweeper()
+            sweeper = _sweepers[weakref.ref(loop, _forget_loop)] = _Sweeper()
         self._sweeper = sweeper
         sweeper.add(self, loop)
 
@@ -112,7 +112,13 @@ class _Sweeper:
             asyncio.get_running_loop().call_at(earliest, self._sweep, earliest)
 
 
-_sweepers: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Sweeper] = weakref.WeakKeyDictionary()
+# Each loop's sweeper, under a weak reference to the loop that removes it when the loop is collected (what
+# WeakKeyDictionary does, without a Python-level method call per request).
+_sweepers: dict[weakref.ref[asyncio.AbstractEventLoop], _Sweeper] = {}
+
+
+def _forget_loop(ref: weakref.ref[asyncio.AbstractEventLoop]) -> None:
+    _sweepers.pop(ref, None)
 
 
 async def read_json_body(request: Request, cap: int, idle_timeout: float = DEFAULT_IDLE_TIMEOUT) -> bytes:
