@@ -497,7 +497,7 @@ class OzwellAPI:
             if message["type"] == "http.response.start":
                 response_started = True
                 status = message["status"]
-                elapsed = str(int((time.perf_counter() - began) * 1000)).encode()
+                elapsed = b"%d" % ((time.perf_counter() - began) * 1000)
                 message["headers"] = [
                     *message["headers"],
                     (b"x-request-id", request_id),

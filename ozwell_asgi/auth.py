@@ -298,8 +298,12 @@ class Authenticator:
         """The principal of ``key``, memoised per stored key (a changed record gets a new one); its model patterns
         are compiled here, once per principal."""
         memo = self._principals.get(key.id)
-        if memo is not None and (memo[0] is key or memo[0] == key):
-            return memo[1]
+        if memo is not None:
+            if memo[0] is key:
+                return memo[1]
+            if memo[0] == key:  # the same record fetched again (the key cache expired): compare by identity next
+                self._principals[key.id] = (key, memo[1])
+                return memo[1]
         if len(self._principals) > 10_000:
             self._principals.clear()
         principal = Principal(

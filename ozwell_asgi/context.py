@@ -14,7 +14,7 @@ from .background import BackgroundRuns
 from .bodies import header, read_json_body
 from .errors import NotFoundError, PermissionDeniedError
 from .hostauth import HostAuth
-from .meter import Meter, UsageSink
+from .meter import TOKEN_FLOOR, Meter, UsageSink
 from .protocols import (
     ChatBackend,
     CompletesChat,
@@ -169,21 +169,24 @@ class Services:
 
     def call(self, request: Request, principal: Principal, endpoint: CallEndpoint, max_tokens: int | None) -> Call:
         """The context of one backend call, with its deadline (``Settings.call_timeout`` from now)."""
-        return Call(
-            request_id=self.request_id(request),
-            principal=principal,
-            endpoint=endpoint,
+        return Call(  # positional: request_id, principal, endpoint, deadline, max_tokens
+            self.request_id(request),
+            principal,
+            endpoint,
             # anyio.current_time() on asyncio (the app's loop), without anyio's per-call backend lookup
-            deadline=asyncio.get_running_loop().time() + self.settings.call_timeout,
-            max_tokens=max_tokens,
+            asyncio.get_running_loop().time() + self.settings.call_timeout,
+            max_tokens,
         )
 
     async def meter(self, principal: Principal, request: Request, endpoint: CallEndpoint) -> Meter:
         """Admit one billable call for ``principal`` before its body is read (429 if its budgets are spent). The
         meter then emits the request's usage event when it settles (the app emits it for requests never metered)."""
         scope = request.scope
-        meter = await Meter.admit(
-            self.limiter,
+        limiter = self.limiter
+        reservation = await limiter.reserve(principal.key_id, principal.quota, TOKEN_FLOOR)  # as Meter.admit does
+        meter = Meter(
+            limiter,
+            reservation,
             principal,
             endpoint=endpoint,
             request_id=self.request_id(request),

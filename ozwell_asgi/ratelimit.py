@@ -154,32 +154,68 @@ def rate_limit_headers(res: Reservation, now: float | None = None) -> list[tuple
     return headers
 
 
+_DURATION_BYTES: dict[int, bytes] = {}  # whole seconds (1 s and more) -> format_duration's text, filled as used
+_DURATION_BYTES_MAX = 4096  # entries kept (a 60 s window needs 60); beyond that, formatted each time
+
+
+def _duration_bytes(seconds: float) -> bytes:
+    """:func:`format_duration` as bytes; whole seconds (what a reset over a second away shows) are memoised."""
+    if seconds <= 0:
+        return b"0s"
+    ms = math.ceil(seconds * 1000 - 1e-6)
+    if ms < 1000:
+        return b"%dms" % max(ms, 1)
+    total = -(-ms // 1000)
+    text = _DURATION_BYTES.get(total)
+    if text is None:
+        text = format_duration(total).encode()
+        if len(_DURATION_BYTES) < _DURATION_BYTES_MAX:
+            _DURATION_BYTES[total] = text
+    return text
+
+
 def rate_limit_header_bytes(res: Reservation, now: float | None = None) -> list[tuple[bytes, bytes]]:
     """:func:`rate_limit_headers` as ASGI header pairs (lower-case names), for the response path: the same headers
-    and values, formatted straight to bytes."""
+    and values, formatted straight to bytes, each value once (the generic headers reuse the budget's)."""
     req, tok = res.requests, res.tokens
     if res.degraded or (req is None and tok is None):
         return []
     if now is None:
         now = time.time()
-    headers: list[tuple[bytes, bytes]] = []
+    headers: list[tuple[bytes, bytes]]
     if req is not None:
-        headers += (
-            (b"x-ratelimit-limit-requests", b"%d" % req.limit),
-            (b"x-ratelimit-remaining-requests", b"%d" % max(req.remaining, 0)),
-            (b"x-ratelimit-reset-requests", format_duration(req.reset_at - now).encode()),
-        )
-    if tok is not None:
-        headers += (
-            (b"x-ratelimit-limit-tokens", b"%d" % tok.limit),
-            (b"x-ratelimit-remaining-tokens", b"%d" % max(tok.remaining, 0)),
-            (b"x-ratelimit-reset-tokens", format_duration(tok.reset_at - now).encode()),
-        )
-    generic = req if req is not None else cast(RateLimitWindow, tok)
+        limit = b"%d" % req.limit
+        remaining = b"%d" % (req.remaining if req.remaining > 0 else 0)
+        reset = _duration_bytes(req.reset_at - now)
+        headers = [
+            (b"x-ratelimit-limit-requests", limit),
+            (b"x-ratelimit-remaining-requests", remaining),
+            (b"x-ratelimit-reset-requests", reset),
+        ]
+        if tok is not None:
+            headers += (
+                (b"x-ratelimit-limit-tokens", b"%d" % tok.limit),
+                (b"x-ratelimit-remaining-tokens", b"%d" % (tok.remaining if tok.remaining > 0 else 0)),
+                (
+                    b"x-ratelimit-reset-tokens",
+                    reset if tok.reset_at == req.reset_at else _duration_bytes(tok.reset_at - now),
+                ),
+            )
+        generic_reset = req.reset_at
+    else:
+        tok = cast(RateLimitWindow, tok)
+        limit = b"%d" % tok.limit
+        remaining = b"%d" % (tok.remaining if tok.remaining > 0 else 0)
+        headers = [
+            (b"x-ratelimit-limit-tokens", limit),
+            (b"x-ratelimit-remaining-tokens", remaining),
+            (b"x-ratelimit-reset-tokens", _duration_bytes(tok.reset_at - now)),
+        ]
+        generic_reset = tok.reset_at
     headers += (
-        (b"x-ratelimit-limit", b"%d" % generic.limit),
-        (b"x-ratelimit-remaining", b"%d" % max(generic.remaining, 0)),
-        (b"x-ratelimit-reset", b"%d" % math.ceil(generic.reset_at)),
+        (b"x-ratelimit-limit", limit),
+        (b"x-ratelimit-remaining", remaining),
+        (b"x-ratelimit-reset", b"%d" % math.ceil(generic_reset)),
     )
     return headers
 
@@ -232,12 +268,12 @@ def _admitted(
     tpm: int | None,
     tok_count: int | None,
 ) -> Reservation:
-    return Reservation(
-        subject=subject,
-        tokens_reserved=tokens,
-        window=window,
-        requests=None if rpm is None else RateLimitWindow(rpm, rpm - cast(int, req_count), reset_at),
-        tokens=None if tpm is None else RateLimitWindow(tpm, tpm - cast(int, tok_count), reset_at),
+    return Reservation(  # positional: subject, tokens_reserved, window, requests, tokens
+        subject,
+        tokens,
+        window,
+        None if rpm is None else RateLimitWindow(rpm, rpm - cast(int, req_count), reset_at),
+        None if tpm is None else RateLimitWindow(tpm, tpm - cast(int, tok_count), reset_at),
     )
 
 

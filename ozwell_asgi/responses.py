@@ -25,7 +25,7 @@ class JSONResponse:
         self.headers = headers
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        headers = [_JSON, (b"content-length", str(len(self.body)).encode()), *self.headers]
+        headers = [_JSON, (b"content-length", b"%d" % len(self.body)), *self.headers]
         await send({"type": "http.response.start", "status": self.status, "headers": headers})
         await send({"type": "http.response.body", "body": self.body})
 

@@ -69,6 +69,7 @@ class BPETokenizer:
         self._enc: Any = None
         self._direct: Any = None
         self._lock = threading.Lock()
+        self._last: tuple[str | None, int] = (None, 0)
 
     def _load(self) -> Any:
         with self._lock:
@@ -122,12 +123,20 @@ class BPETokenizer:
         return data
 
     def count(self, text: str) -> int:
+        """The number of tokens of ``text``. The last text counted is remembered by identity (a string is immutable):
+        counting the very same object again, as an answer that repeats its prompt does, is free (texts of up to
+        50,000 characters)."""
+        last = self._last
+        if last[0] is text:
+            return last[1]
         direct = self._direct
         if direct is not None and 0 < len(text) <= _DIRECT_MAX_CHARS:
             try:
-                return int(direct.count(text))
+                count = int(direct.count(text))
             except UnicodeEncodeError:
-                pass
+                count = len(self.encode(text))
+            self._last = (text, count)  # one tuple, swapped whole: safe across threads; at most 50,000 characters
+            return count
         return len(self.encode(text))
 
 

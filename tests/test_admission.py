@@ -78,7 +78,7 @@ def body_receiver(body: bytes) -> tuple[Any, list[str]]:
     return receive, calls
 
 
-async def call_raw(app: Any, key: str, receive: Any, content_length: int) -> tuple[int, dict[str, str], bytes]:
+async def call_raw(app: Any, key: str, receive: Any, content_length: int | bytes) -> tuple[int, dict[str, str], bytes]:
     """POST /v1/chat/completions straight into the ASGI app with our own ``receive``."""
     sent: list[Message] = []
 
@@ -98,7 +98,7 @@ async def call_raw(app: Any, key: str, receive: Any, content_length: int) -> tup
         "headers": [
             (b"authorization", f"Bearer {key}".encode()),
             (b"content-type", b"application/json"),
-            (b"content-length", str(content_length).encode()),
+            (b"content-length", content_length if isinstance(content_length, bytes) else b"%d" % content_length),
         ],
         "client": ("127.0.0.1", 1),
         "server": ("testserver", 80),
@@ -174,6 +174,18 @@ async def test_an_unauthenticated_request_is_refused_without_reading_the_body() 
     status, _, body = await call_raw(api, "ozw_" + "A" * 43, receive, 2)
     assert status == 401
     assert json.loads(body)["error"]["code"] == "invalid_api_key"
+    assert calls == []
+
+
+@pytest.mark.parametrize("declared", [b"\xb2", b"1\xb9", b"-5", b"12a", b""])
+async def test_a_content_length_that_is_not_ascii_digits_is_a_400(declared: bytes) -> None:
+    """A latin-1 superscript is a digit to ``str.isdigit`` but not to ``int``: still a 400, never a 500."""
+    api = make_api()
+    _, key = await api.keys.create(name="t", owner="o", plan="pro")
+    receive, calls = body_receiver(b'{"model": "echo", "messages": [{"role": "user", "content": "hi"}]}')
+    status, _, body = await call_raw(api, key, receive, declared)
+    assert status == 400, body
+    assert json.loads(body)["error"]["message"] == "Invalid Content-Length header."
     assert calls == []
 
 

@@ -94,6 +94,36 @@ async def test_a_slow_body_that_keeps_arriving_is_read_whole() -> None:
     assert json.loads(body)["choices"][0]["message"]["content"] == "hello there"
 
 
+async def test_idle_timers_with_other_timeouts_share_one_loop() -> None:
+    """One sweeper per loop watches every read: a short timeout registered while a long one is armed still fires
+    on time, the sweeper re-arms for reads that come after it fired, and the long read is left alone."""
+    patient = OzwellAPI(secret=SECRET, settings=Settings(body_idle_timeout=30))
+    hasty = OzwellAPI(secret=SECRET, settings=Settings(body_idle_timeout=0.05))
+    _, patient_key = await patient.keys.create(name="t", owner="o", plan="pro")
+    _, hasty_key = await hasty.keys.create(name="t", owner="o", plan="pro")
+
+    async def stalled() -> Message:
+        await anyio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    outcome: list[int] = []
+
+    async def long_read() -> None:
+        status, _, _ = await call_raw(patient, patient_key, stalled, 100)
+        outcome.append(status)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(long_read)
+        await anyio.sleep(0.01)  # the 30 s read is registered (and armed) first
+        for _ in range(2):  # the second stall comes after the sweeper fired once
+            with anyio.fail_after(2):
+                status, _, body = await call_raw(hasty, hasty_key, stalled, 100)
+            assert status == 408, body
+            assert json.loads(body)["error"]["code"] == "request_timeout"
+        assert outcome == []  # the long read is still waiting
+        group.cancel_scope.cancel()
+
+
 async def test_a_request_cancelled_while_its_body_is_read_stays_cancelled() -> None:
     api = OzwellAPI(secret=SECRET, settings=Settings(body_idle_timeout=30))
     _, key = await api.keys.create(name="t", owner="o", plan="pro")

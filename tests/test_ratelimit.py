@@ -20,6 +20,7 @@ from ozwell_asgi.ratelimit import (
     Plan,
     format_duration,
     quota_for,
+    rate_limit_header_bytes,
     rate_limit_headers,
     validate_plan,
 )
@@ -531,6 +532,27 @@ def test_rate_limit_headers_format() -> None:
     ]
     res.degraded = True
     assert rate_limit_headers(res, now=100.0) == []
+
+
+@pytest.mark.parametrize("now", [0.0, 59.0, 59.9995, 60.0, 100.0, 119.0, 119.2, 119.9999, 120.0, 130.0, 7300.0])
+@pytest.mark.parametrize(
+    ("requests", "tokens"),
+    [
+        (RateLimitWindow(20, 19, 120.0), RateLimitWindow(10_000, -5, 120.0)),
+        (RateLimitWindow(20, -1, 120.0), None),
+        (None, RateLimitWindow(10_000, 9_990, 120.0)),
+        (RateLimitWindow(7, 3, 60.0), RateLimitWindow(50, 40, 7320.5)),  # budgets resetting at different times
+    ],
+)
+def test_rate_limit_header_bytes_are_the_headers_as_bytes(
+    now: float, requests: RateLimitWindow | None, tokens: RateLimitWindow | None
+) -> None:
+    res = Reservation(subject="k", tokens_reserved=1, window=1, requests=requests, tokens=tokens)
+    expected = [(k.lower().encode(), v.encode()) for k, v in rate_limit_headers(res, now=now)]
+    assert rate_limit_header_bytes(res, now=now) == expected
+    assert rate_limit_header_bytes(res, now=now) == expected  # the memoised durations give the same text
+    res.degraded = True
+    assert rate_limit_header_bytes(res, now=now) == []
 
 
 def test_quota_for_override_rules() -> None:

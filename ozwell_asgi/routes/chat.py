@@ -64,10 +64,11 @@ def render_completion(result: ChatResult, completion_id: str, created: int, mode
     choices = []
     for choice in result.choices:
         answer = choice.message
-        message: dict[str, Any] = {}
-        if answer.extra:
-            message.update(answer.extra)
-        message.update(role="assistant", content=answer.content, refusal=answer.refusal, annotations=[])
+        message: dict[str, Any] = {**answer.extra} if answer.extra else {}
+        message["role"] = "assistant"
+        message["content"] = answer.content
+        message["refusal"] = answer.refusal
+        message["annotations"] = []
         if answer.reasoning_content is not None:
             message["reasoning_content"] = answer.reasoning_content
         if answer.tool_calls:
