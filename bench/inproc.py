@@ -40,7 +40,9 @@ def body(stream: bool) -> bytes:
     return json.dumps({"model": "echo", "messages": [{"role": "user", "content": MESSAGE}], "stream": stream}).encode()
 
 
-async def one(app: App, key: str, payload: bytes, stream: bool) -> None:
+async def post(app: App, path: str, key: str, payload: bytes, root_path: str = "") -> tuple[int, bytes]:
+    """POST ``payload`` (JSON) to ``path`` of ``app`` as uvicorn would, with ``key``: the status and the whole body.
+    The ``receive`` it gives waits, after the body, until the response is complete (as a connected client does)."""
     scope = {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.4"},
@@ -49,9 +51,9 @@ async def one(app: App, key: str, payload: bytes, stream: bool) -> None:
         "client": ("127.0.0.1", 50000),
         "scheme": "http",
         "method": "POST",
-        "root_path": "",
-        "path": "/v1/chat/completions",
-        "raw_path": b"/v1/chat/completions",
+        "root_path": root_path,
+        "path": path,
+        "raw_path": path.encode(),
         "query_string": b"",
         "headers": [
             (b"host", b"127.0.0.1:8000"),
@@ -84,7 +86,11 @@ async def one(app: App, key: str, payload: bytes, stream: bool) -> None:
                 done.set()
 
     await app(scope, receive, send)
-    text = b"".join(parts)
+    return status, b"".join(parts)
+
+
+async def one(app: App, key: str, payload: bytes, stream: bool) -> None:
+    status, text = await post(app, "/v1/chat/completions", key, payload)
     if status != 200:
         raise RuntimeError(f"status {status}: {text[:300]!r}")
     if stream:

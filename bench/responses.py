@@ -14,7 +14,6 @@ wall time; every answer is checked (status 200, the echo of the turn's message),
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import statistics
 import sys
@@ -26,56 +25,16 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.inproc import post  # noqa: E402  # the same in-process request driver as the chat bench
+
 TURNS = 10
 QUESTION = "Turn {n}: tell me something about the number {n}, in one short sentence please."
 
 
 async def call(app: Any, path: str, key: str, payload: dict[str, Any]) -> dict[str, Any]:
-    body = json.dumps(payload).encode()
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.4"},
-        "http_version": "1.1",
-        "server": ("127.0.0.1", 8000),
-        "client": ("127.0.0.1", 50000),
-        "scheme": "http",
-        "method": "POST",
-        "root_path": "/v1",
-        "path": "/v1" + path,
-        "raw_path": ("/v1" + path).encode(),
-        "query_string": b"",
-        "headers": [
-            (b"host", b"127.0.0.1:8000"),
-            (b"content-type", b"application/json"),
-            (b"authorization", b"Bearer " + key.encode()),
-            (b"content-length", str(len(body)).encode()),
-        ],
-        "state": {},
-    }
-    done = asyncio.Event()
-    sent = False
-    status = 0
-    parts: list[bytes] = []
-
-    async def receive() -> dict[str, Any]:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await done.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = message["status"]
-        else:
-            parts.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                done.set()
-
-    await app(scope, receive, send)
-    answer: dict[str, Any] = json.loads(b"".join(parts))
+    """POST ``payload`` to ``path`` of the API (mounted at /v1) as uvicorn would; the parsed answer, or an error."""
+    status, text = await post(app, "/v1" + path, key, json.dumps(payload).encode(), root_path="/v1")
+    answer: dict[str, Any] = json.loads(text)
     if status != 200:
         raise RuntimeError(f"{path}: status {status}: {answer}")
     return answer

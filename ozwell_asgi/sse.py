@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import aclosing
 
 import anyio
 import anyio.lowlevel
 
-from .types import Receive, Scope, Send
+from .types import ChatChunk, Receive, Scope, Send
 
-__all__ = ["DONE", "PING", "YIELD_EVERY", "SSEResponse", "event"]
+__all__ = ["DONE", "PING", "YIELD_EVERY", "FirstChunk", "SSEResponse", "aclose_stream", "event", "first_chunk"]
 
 DONE = b"data: [DONE]\n\n"
 PING = b": ping\n\n"  # a comment line: clients ignore it, intermediaries see traffic
@@ -24,6 +24,34 @@ _HEADERS = [
     (b"cache-control", b"no-cache"),
     (b"x-accel-buffering", b"no"),
 ]
+
+
+FirstChunk = ChatChunk | asyncio.Future[ChatChunk | None] | None
+
+
+async def first_chunk(stream: AsyncIterator[ChatChunk], keepalive: float) -> FirstChunk:
+    """The backend's first chunk (``None``: an empty stream), awaited before a stream's response starts, so that a
+    failure before it still gets a real HTTP status. A backend slower than ``keepalive`` seconds (an upstream's first
+    token) gets the future that will hold it instead: the response starts then and sends ``: ping`` comments until
+    the chunk comes (``keepalive`` 0: wait for the chunk however long it takes)."""
+    if not keepalive:
+        return await anext(stream, None)
+    waiting = asyncio.ensure_future(anext(stream, None))
+    try:
+        await asyncio.wait((waiting,), timeout=keepalive)
+    except BaseException:
+        waiting.cancel()
+        raise
+    return waiting.result() if waiting.done() else waiting
+
+
+async def aclose_stream(stream: AsyncIterator[ChatChunk]) -> None:
+    """Close a backend's stream (its generator's ``finally`` runs: upstream connections released), shielded from
+    the cancellation that may be why it is closed."""
+    close = getattr(stream, "aclose", None)
+    if close is not None:
+        with anyio.CancelScope(shield=True):
+            await close()
 
 
 def event(data: bytes) -> bytes:

@@ -22,7 +22,7 @@ from ..errors import InvalidRequestError, OzwellError, as_ozwell_error, error_bo
 from ..meter import Meter, status_of
 from ..protocols import ChatBackend
 from ..responses import JSONResponse
-from ..sse import DONE, PING, SSEResponse, event
+from ..sse import DONE, PING, FirstChunk, SSEResponse, aclose_stream, event, first_chunk
 from ..tokens import count_chat_prompt, count_tool_call, remember_prompt
 from ..types import SCOPE_API, ChatChunk, ChatResult, Principal, ToolCall, Usage
 from ..wire.chat import ChatCompletionRequest, parse_chat_request
@@ -161,21 +161,10 @@ async def create_chat_completion(services: Services, request: Request) -> Any:
     stream = backend.stream_chat(chat, call)
     # Failures before the first chunk get a real HTTP status. A backend slow to send it (an upstream's first token)
     # gets the response started after ``stream_keepalive`` seconds, with ": ping" comments until it comes.
-    first: ChatChunk | asyncio.Future[ChatChunk | None] | None
-    interval = services.settings.stream_keepalive
     try:
-        if interval:
-            waiting = asyncio.ensure_future(anext(stream, None))
-            try:
-                await asyncio.wait((waiting,), timeout=interval)
-            except BaseException:
-                waiting.cancel()
-                raise
-            first = waiting.result() if waiting.done() else waiting
-        else:
-            first = await anext(stream, None)
+        first = await first_chunk(stream, services.settings.stream_keepalive)
     except BaseException as exc:
-        await _aclose(stream)
+        await aclose_stream(stream)
         await meter.settle(0, status=status_of(exc), model=model)
         raise
     frames = _frames(services, chat, stream, first, meter, completion_id, created, prompt_estimate)
@@ -262,18 +251,11 @@ def _count_usage(services: Services, chat: ChatCompletionRequest, result: ChatRe
     return Usage(prompt, completion)
 
 
-async def _aclose(stream: AsyncIterator[ChatChunk]) -> None:
-    close = getattr(stream, "aclose", None)
-    if close is not None:
-        with anyio.CancelScope(shield=True):
-            await close()
-
-
 async def _frames(
     services: Services,
     chat: ChatCompletionRequest,
     stream: AsyncIterator[ChatChunk],
-    first: ChatChunk | asyncio.Future[ChatChunk | None] | None,
+    first: FirstChunk,
     meter: Meter,
     completion_id: str,
     created: int,
@@ -359,4 +341,4 @@ async def _frames(
             first.cancel()  # the client went away while the backend had not answered yet
             with anyio.CancelScope(shield=True), contextlib.suppress(BaseException):
                 await first
-        await _aclose(stream)
+        await aclose_stream(stream)

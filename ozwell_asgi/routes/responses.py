@@ -41,7 +41,7 @@ from ..pages import list_body, paginate
 from ..protocols import ChatBackend, ResponseStore
 from ..response_run import ResponseBuilder, result_chunks
 from ..responses import JSONResponse
-from ..sse import PING, SSEResponse
+from ..sse import PING, FirstChunk, SSEResponse, aclose_stream, first_chunk
 from ..tokens import count_chat_prompt
 from ..turns import answer_message, new_response_id, tool_fields, turn_input
 from ..types import SCOPE_API, Call, ChatChunk, Principal, Source, StoredResponse
@@ -471,21 +471,10 @@ async def create_response(services: Services, request: Request) -> Any:
     stream = backend.stream_chat(turn.chat, call)
     # As for chat: a failure before the first chunk gets a real HTTP status; a backend slow to send it gets the
     # stream started after ``stream_keepalive`` seconds, with ": ping" comments until it comes.
-    first: ChatChunk | asyncio.Future[ChatChunk | None] | None
-    interval = services.settings.stream_keepalive
     try:
-        if interval:
-            waiting = asyncio.ensure_future(anext(stream, None))
-            try:
-                await asyncio.wait((waiting,), timeout=interval)
-            except BaseException:
-                waiting.cancel()
-                raise
-            first = waiting.result() if waiting.done() else waiting
-        else:
-            first = await anext(stream, None)
+        first = await first_chunk(stream, services.settings.stream_keepalive)
     except BaseException as exc:
-        await _aclose(stream)
+        await aclose_stream(stream)
         await meter.settle(0, status=status_of(exc), model=turn.chat.model)
         raise
     return SSEResponse(_frames(services, turn, principal, builder, stream, first, meter, store), headers)
@@ -503,14 +492,7 @@ async def _consume(builder: ResponseBuilder, stream: AsyncIterator[ChatChunk]) -
         async for chunk in stream:
             builder.feed(chunk)
     finally:
-        await _aclose(stream)
-
-
-async def _aclose(stream: AsyncIterator[ChatChunk]) -> None:
-    close = getattr(stream, "aclose", None)
-    if close is not None:
-        with anyio.CancelScope(shield=True):
-            await close()
+        await aclose_stream(stream)
 
 
 async def _frames(
@@ -519,7 +501,7 @@ async def _frames(
     principal: Principal,
     builder: ResponseBuilder,
     stream: AsyncIterator[ChatChunk],
-    first: ChatChunk | asyncio.Future[ChatChunk | None] | None,
+    first: FirstChunk,
     meter: Meter,
     store: ResponseStore | None,
 ) -> AsyncGenerator[bytes, None]:
@@ -565,7 +547,7 @@ async def _frames(
             first.cancel()
             with anyio.CancelScope(shield=True), contextlib.suppress(BaseException):
                 await first
-        await _aclose(stream)
+        await aclose_stream(stream)
 
 
 # --- background runs ---------------------------------------------------------------------------------------------
@@ -618,7 +600,7 @@ async def _run_background(
         builder.fail(exc)
     finally:
         with anyio.CancelScope(shield=True):
-            await _aclose(stream)
+            await aclose_stream(stream)
             spent = builder.spent
             await meter.settle(spent.total_tokens, usage=spent, model=builder.response["model"], status=status)
             try:
