@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import functools
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Collection, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Collection, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +30,7 @@ from sqlalchemy.exc import IntegrityError, OperationalError, ProgrammingError
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from ..sources import Passage
-from .sql import _quietly, _statement_errors
+from .sql import _statement_errors, _transaction
 
 if TYPE_CHECKING:
     from .sql import SQLDatabase
@@ -297,23 +297,9 @@ class SQLPassageIndex:
                         await anyio.sleep(0.05 * (attempt + 1))
             self._ready = True
 
-    @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[AsyncConnection]:
-        """A transaction whose rollback and release also run when the task is cancelled."""
-        with _errors():
-            conn = await self.db.engine.connect()
-        try:
-            with _errors():
-                transaction = await conn.begin()
-            try:
-                yield conn
-            except BaseException:
-                await _quietly(transaction.rollback, "rolling back a passage index transaction")
-                raise
-            with _errors():
-                await transaction.commit()
-        finally:
-            await _quietly(conn.close, "releasing a passage index connection")
+    def _transaction(self) -> AbstractAsyncContextManager[AsyncConnection]:
+        """A transaction whose rollback and release also run when the task is cancelled (the SQL stores' own)."""
+        return _transaction(self.db.engine, _errors, "passage index")
 
     async def fingerprints(self, owner: str, model: str) -> Mapping[str, str]:
         if _has_nul(owner, model):

@@ -23,7 +23,7 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterator, Mapping, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import AbstractContextManager, asynccontextmanager, contextmanager
 from typing import TYPE_CHECKING, Any
 
 import anyio
@@ -571,24 +571,28 @@ async def _quietly(close: Callable[[], Any], what: str) -> None:
 
 
 @asynccontextmanager
-async def _transaction(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
+async def _transaction(
+    engine: AsyncEngine,
+    errors: Callable[[], AbstractContextManager[None]] = _file_errors,
+    what: str = "file store",
+) -> AsyncIterator[AsyncConnection]:
     """``engine.begin()`` whose rollback and release also run when the task is cancelled (a client gone mid-upload),
-    so a failed transaction never reaches the pool half done. Database errors become the file store's (503 for an
-    outage); errors of the body pass through as they are."""
-    with _file_errors():
+    so a failed transaction never reaches the pool half done. Database errors become the store's (``errors``: the
+    file store's by default; 503 for an outage); errors of the body pass through as they are."""
+    with errors():
         conn = await engine.connect()
     try:
-        with _file_errors():
+        with errors():
             transaction = await conn.begin()
         try:
             yield conn
         except BaseException:
-            await _quietly(transaction.rollback, "rolling back a file store transaction")
+            await _quietly(transaction.rollback, f"rolling back a {what} transaction")
             raise
-        with _file_errors():
+        with errors():
             await transaction.commit()
     finally:
-        await _quietly(conn.close, "releasing a file store connection")
+        await _quietly(conn.close, f"releasing a {what} connection")
 
 
 def _abandoned() -> ServiceUnavailableError:
