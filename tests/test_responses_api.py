@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import openai
@@ -39,6 +38,9 @@ from ozwell_asgi.types import (
 from ozwell_asgi.wire.chat import ChatCompletionRequest
 from tests.harness import async_openai, raw_client, sync_openai
 from tests.openai_schema import validate
+from tests.test_responsestore_contract import storage_url
+
+__all__ = ["storage_url"]  # a fixture (every bundled storage, private to the test), used by name
 
 pytestmark = pytest.mark.anyio
 
@@ -55,32 +57,13 @@ def fixed_clock() -> float:
 
 # --- the stores the adapter-facing tests run over: add an adapter here when it lands ----------------------------
 
-STORES = [
-    pytest.param("memory"),
-    pytest.param("sqlite"),
-    pytest.param("postgres", marks=pytest.mark.services),
-    pytest.param("redis", marks=pytest.mark.services),
-]
-
-
-@pytest.fixture(params=STORES)
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The URL of a storage private to the test (conftest isolates PostgreSQL and Redis)."""
-    name: str = request.param
-    if name == "memory":
-        return "memory://"
-    if name == "sqlite":
-        return f"sqlite:///{tmp_path / 'responses.db'}"
-    url: str = request.getfixturevalue("postgres_url" if name == "postgres" else "redis_url")
-    return url
-
 
 @pytest.fixture
-async def response_store(store_url: str, redis_prefix: str) -> AsyncIterator[ResponseStore]:
+async def response_store(storage_url: str, redis_prefix: str) -> AsyncIterator[ResponseStore]:
     """Every bundled adapter, each made by its storage as the app makes it."""
     storages = Storages(StorageOptions(redis_prefix=redis_prefix))
     try:
-        yield storages.response_store(store_url)
+        yield storages.response_store(storage_url)
     finally:
         await storages.aclose()
 
